@@ -1,0 +1,100 @@
+"""The audit log (SPEC B7): one JSON object per line for every accept, release, cancel,
+send-now, delivery and bounce.
+
+Writing it must never take the gateway down: a failed write is logged as a warning and the
+event is dropped. Lines are written whole and flushed at once (appends of one line each).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AuditLog"]
+
+log = logging.getLogger(__name__)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()  # ids are random bytes
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value)
+
+
+def _timestamp() -> str:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class AuditLog:
+    """`AuditLog(path).write("accept", id=b"...", sender="a@b")` appends
+    {"ts": "2024-01-01T00:00:00.000Z", "event": "accept", "id": "..", "sender": "a@b"}."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self._file = None
+        self._lock = threading.Lock()
+        self._failing = False
+        self.written = 0
+        self.dropped = 0
+
+    def write(self, event: str, **fields: Any) -> None:
+        record = {"ts": _timestamp(), "event": event}
+        for key, value in fields.items():
+            record.setdefault(key, value)  # ts and event cannot be overridden
+        try:
+            # ASCII only: no raw U+2028 or lone surrogates from hostile headers in the file
+            line = json.dumps(record, ensure_ascii=True, default=_jsonable, separators=(",", ":"))
+        except (TypeError, ValueError) as e:
+            self._failed(f"cannot encode {event!r} event: {e}")
+            return
+        with self._lock:
+            try:
+                if self._file is None:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    self._file = open(self.path, "a", encoding="ascii", buffering=1)
+                self._file.write(line + "\n")
+            except OSError as e:
+                self._close_quietly()
+                self._failed(f"cannot write {self.path}: {e.strerror or e}")
+                return
+        self.written += 1
+        if self._failing:
+            self._failing = False
+            log.warning("audit log %s is written again", self.path)
+
+    def _failed(self, why: str) -> None:
+        self.dropped += 1
+        if not self._failing:  # one warning per run of failures, not one per event
+            self._failing = True
+            log.warning("audit event dropped: %s", why)
+
+    def _close_quietly(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_quietly()
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def statistics(self) -> dict:
+        return {"written": self.written, "dropped": self.dropped, "failing": self._failing}
