@@ -47,9 +47,11 @@ class OneLineFormatter(logging.Formatter):
 def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(OneLineFormatter())
+    handler.set_name("matte-stderr")
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if old.get_name() == "matte-stderr":  # set up twice (tests): replace, don't duplicate
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
 

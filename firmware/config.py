@@ -98,7 +98,7 @@ class UpstreamConfig:
     retry_seconds: int = 600
     outbox: Path | None = None
     ca_file: Path | None = None
-    helo: str | None = None
+    helo: str | None = None  # after load(): smtp.hostname unless set
 
 
 @dataclass(frozen=True)
@@ -331,12 +331,14 @@ def _whitelist_rule(value: Any) -> str:
         raise _Bad(f"a domain rule is written without '@' (e.g. {domain!r}), got {value!r}")
     if at and any(c.isspace() or ord(c) < 32 for c in local):
         raise _Bad(f"not an address: {value!r}")
-    bare = domain[1:] if domain.startswith(".") and not at else domain
-    if not _is_hostname(bare) or "." not in bare.strip(".") and not at:
+    if at:
+        if not _is_hostname(domain):
+            raise _Bad(f"not a valid domain in address {value!r}")
+        return rule
+    bare = domain[1:] if domain.startswith(".") else domain
+    if not _is_hostname(bare) or "." not in bare:
         raise _Bad(f"expected an address (user@example.com), a domain (example.com) or .domain "
                    f"(its subdomains), got {value!r}")
-    if at and not _is_hostname(domain):
-        raise _Bad(f"not a valid domain in address {value!r}")
     return rule
 
 
@@ -472,6 +474,8 @@ def from_dict(data: dict, *, source: str, base_dir: Path) -> Config:
     }
     if up.host is None and up.outbox is None:
         changes["outbox"] = data_dir / "outbox"
+    if up.helo is None:
+        changes["helo"] = smtp.hostname
     if up.tls == "implicit" and "port" not in up_given:
         changes["port"] = 465  # SMTPS (RFC 8314)
     up = replace(up, **changes)
