@@ -1,0 +1,103 @@
+"""What the web handlers share: the hold queue and the per-IP token."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = ["HoldQueueLike", "HeldLike", "WebContext", "token_for"]
+
+
+class HeldLike(Protocol):
+    id: bytes
+    client_ip: str
+    sender: str
+    from_: str
+    to: tuple[str, ...]
+    cc: tuple[str, ...]
+    bcc_count: int
+    subject: str
+    size: int
+    received_at: float
+    release_at: float
+
+
+class HoldQueueLike(Protocol):
+    """The part of the hold queue the web server uses (and nothing else)."""
+
+    def held_for(self, ip: str) -> list[Any]: ...
+    async def cancel(self, id: bytes, ip: str) -> bool: ...
+    async def send_now(self, id: bytes, ip: str) -> bool: ...
+    async def extend(self, id: bytes, ip: str, seconds: int) -> bool: ...
+    def store_status(self) -> dict[str, Any]: ...
+    def statistics(self) -> dict[str, Any]: ...
+
+
+def token_for(secret: bytes, ip: str) -> str:
+    """The action token for `ip` (normalised): stateless, and another IP cannot guess it."""
+    mac = hmac.new(secret, b"token:" + ip.encode("ascii"), hashlib.sha256)
+    return mac.hexdigest()[:32]
+
+
+@dataclass
+class WebContext:
+    queue: HoldQueueLike
+    secret: bytes
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def token_for(self, ip: str) -> str:
+        return token_for(self.secret, ip)
+
+    def token_ok(self, ip: str, token: str | None) -> bool:
+        if not token:
+            return False
+        return hmac.compare_digest(token.encode("utf-8", "replace"), self.token_for(ip).encode())
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+
+MAX_EXTEND_SECONDS = 86400
+ACTIONS = ("cancel", "send", "extend")
+
+
+def parse_id(text: str) -> bytes | None:
+    """A message id from its hex form in a URL; None when it cannot be one."""
+    if not text or len(text) > 64 or len(text) % 2:
+        return None
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        return None
+
+
+async def perform(ctx: WebContext, action: str, id: bytes, ip: str, seconds: int = 0) -> bool:
+    """Run `action` on the caller's message; False when it is not theirs (or gone)."""
+    queue = ctx.queue
+    if action == "cancel":
+        done = await queue.cancel(id, ip)
+    elif action == "send":
+        done = await queue.send_now(id, ip)
+    elif action == "extend":
+        done = await queue.extend(id, ip, seconds)
+    else:
+        raise ValueError(f"unknown action {action!r}")
+    ctx.count(f"action_{action}_{'ok' if done else 'missing'}")
+    return bool(done)
+
+
+def held_to_json(item: Any) -> dict[str, Any]:
+    return {
+        "id": item.id.hex(),
+        "sender": item.sender,
+        "from": item.from_,
+        "to": list(item.to),
+        "cc": list(item.cc),
+        "bcc_count": item.bcc_count,
+        "subject": item.subject,
+        "size": item.size,
+        "received_at": item.received_at,
+        "release_at": item.release_at,
+    }
