@@ -100,7 +100,7 @@ def _codec_names(charset: str) -> tuple[str, ...]:
         info = codecs.lookup(name)
     except (LookupError, ValueError, TypeError):
         return ()
-    if not getattr(info, "_is_text_encoding", True) or info.name in _NOT_CHARSETS:
+    if not getattr(info, "_is_text_encoding", True) or info.name.replace("-", "_") in _NOT_CHARSETS:
         return ()
     if info.name in ("iso2022_jp", "iso2022_jp_1", "iso2022_jp_3"):
         return (info.name,) + tuple(n for n in _ISO2022JP_TRIES if n != info.name)
@@ -191,7 +191,7 @@ def decode_words(text: str) -> str:
     return "".join(out)
 
 
-_LINE_BREAKS = re.compile(r"[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+_LINE_BREAKS = re.compile(r"\r\n|[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 _OTHER_CONTROLS = re.compile(r"[\x00-\x08\x0e-\x1b\x1f\x7f]")
 
 
