@@ -55,12 +55,12 @@ class HeaderCollector:
         elif len(self._buf) >= MAX_HEADER_BYTES:
             self.done = True
 
-    @property
     def header_bytes(self) -> bytes:
+        """The header block seen so far (all of it once `done`), without the blank line."""
         return bytes(self._buf)
 
     def summarize(self) -> dict:
-        return summarize(self.header_bytes)
+        return summarize(self.header_bytes())
 
 
 # --- decoding --------------------------------------------------------------------------------
