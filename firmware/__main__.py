@@ -104,9 +104,9 @@ def _run(path: Path | None, level: str) -> int:
         print(e, file=sys.stderr)
         return EXIT_USAGE
     log.info("matte %s starting with %s", version(), cfg.source)
-    from firmware import app  # imported late: check-config must not need the whole gateway
-
     try:
+        from firmware import app  # imported late: check-config must not need the whole gateway
+
         app.run(cfg)
     except KeyboardInterrupt:
         log.info("interrupted")

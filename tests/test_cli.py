@@ -159,3 +159,18 @@ def test_run_crash_is_logged(fake_app, capsys):
     err = capsys.readouterr().err
     assert "CRITICAL matte: stopped on an error" in err
     assert "RuntimeError: boom" in err
+
+
+def test_run_app_that_cannot_be_imported(monkeypatch, capsys):
+    import firmware
+
+    monkeypatch.setitem(sys.modules, "firmware.app", None)  # makes the import fail
+    monkeypatch.delattr(firmware, "app", raising=False)
+    try:
+        assert cli.main(["run"]) == 1
+    finally:
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if h.get_name() == "matte-stderr"]:
+            root.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "stopped on an error" in err and "ImportError" in err
