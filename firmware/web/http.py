@@ -195,6 +195,12 @@ async def _receive_request(
         return None
     assert isinstance(event, h11.Request), event
     start = event
+    # h11 only bounds a header block still incomplete; one that arrived whole
+    # in a single read is checked here.
+    head_size = len(start.method) + len(start.target) + 12
+    head_size += sum(len(k) + len(v) + 4 for k, v in start.headers)
+    if head_size > MAX_HEADER_BYTES:
+        raise _Reject(431)
     headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in start.headers)
     length = dict(headers).get("content-length")
     if length is not None and int(length) > MAX_BODY_BYTES:  # h11 checked it is digits
@@ -224,7 +230,12 @@ async def _receive_request(
 
 
 async def _send_response(
-    stream: trio.abc.Stream, conn: h11.Connection, response: Response, *, head: bool = False
+    stream: trio.abc.Stream,
+    conn: h11.Connection,
+    response: Response,
+    *,
+    head: bool = False,
+    close: bool = False,
 ) -> None:
     headers: list[tuple[str, str]] = []
     if response.content_type is not None:
@@ -232,7 +243,7 @@ async def _send_response(
     headers.append(("Content-Length", str(len(response.body))))
     headers.extend(SECURITY_HEADERS)
     headers.extend(response.headers)
-    if conn.their_state is h11.ERROR or conn.their_state is h11.SEND_BODY:
+    if close:
         headers.append(("Connection", "close"))
     out = conn.send(
         h11.Response(
@@ -260,7 +271,8 @@ async def _send_error_and_close(
         return  # a response already started: nothing sensible to add
     with trio.move_on_after(_LINGER_SECONDS) as scope:
         scope.shield = True  # may run after a deadline fired
-        await _send_response(stream, conn, Response.error(reject.status, reject.message))
+        response = Response.error(reject.status, reject.message)
+        await _send_response(stream, conn, response, close=True)
         # Half-close and drain a little, so that the client reads the answer
         # instead of a reset caused by its unread upload.
         send_eof = getattr(stream, "send_eof", None)

@@ -1,0 +1,49 @@
+import math
+
+from firmware.web.metrics import CONTENT_TYPE, render_metrics
+
+from .conftest import request
+
+
+async def test_metrics_endpoint(port, queue):
+    queue.add("127.0.0.1", size=1000)
+    queue.add("127.0.0.2", size=500)
+    reply = await request(port, "GET", "/metrics")
+    assert reply.status == 200
+    assert reply.headers["content-type"] == CONTENT_TYPE
+    lines = reply.text.splitlines()
+    assert "matte_held_messages 2" in lines
+    assert "matte_held_bytes 1500" in lines
+    assert "matte_store_max_messages 500" in lines
+    assert "# TYPE matte_accepted_total counter" in lines
+    assert "matte_accepted_total 5" in lines
+    assert "matte_cancelled_total 1" in lines
+    assert any(line.startswith("matte_web_requests_total ") for line in lines)
+
+
+def _samples(text):
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.split(" ")
+            samples[name] = value
+    return samples
+
+
+def test_render_skips_non_numbers_and_sanitises_names():
+    text = render_metrics(
+        {"messages": 1, "bytes": 2.5, "max_messages": None},
+        {"sent-now": 3, "note": "text", "nested": {"a": 1}, "flag": True, "deliveries_total": 4, "lat": math.inf},
+    )
+    samples = _samples(text)
+    assert samples == {
+        "matte_held_messages": "1",
+        "matte_held_bytes": "2.5",
+        "matte_sent_now_total": "3",
+        "matte_deliveries_total": "4",
+        "matte_lat_total": "+Inf",
+    }
+    assert text.endswith("\n")
+    # every sample has HELP and TYPE lines
+    for name in samples:
+        assert f"# TYPE {name} " in text and f"# HELP {name} " in text
