@@ -173,4 +173,4 @@ def test_run_app_that_cannot_be_imported(monkeypatch, capsys):
         for handler in [h for h in root.handlers if h.get_name() == "matte-stderr"]:
             root.removeHandler(handler)
     err = capsys.readouterr().err
-    assert "stopped on an error" in err and "ImportError" in err
+    assert "stopped on an error" in err and "ModuleNotFoundError" in err
