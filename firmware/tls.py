@@ -62,18 +62,26 @@ class DevicePaths:
 _Name = x509.DNSName | x509.IPAddress
 
 
-def _san_entry(name: str) -> _Name:
+def _san_entry(name: str) -> _Name | None:
+    """The SAN for a host name or IP literal; None for a wildcard listen address."""
     text = name.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
     try:
         addr = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
-        if not text or any(c.isspace() for c in text):
+        host = text.lower().rstrip(".")
+        if not host or any(c.isspace() or c in "/@:" for c in host):
             raise ValueError(f"not a host name: {name!r}") from None
-        return x509.DNSName(text.lower().rstrip("."))
+        try:
+            host = host.encode("idna").decode("ascii")  # SANs hold A-labels
+        except UnicodeError:
+            raise ValueError(f"not a host name: {name!r}") from None
+        return x509.DNSName(host)
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
+    if addr.is_unspecified:
+        return None  # "0.0.0.0" / "::" listen on every address; no client connects to them
     return x509.IPAddress(addr)
 
 
@@ -81,7 +89,7 @@ def _wanted_names(names: Iterable[str]) -> list[_Name]:
     wanted: list[_Name] = []
     for name in (*names, *DEFAULT_NAMES):
         entry = _san_entry(name)
-        if entry not in wanted:
+        if entry is not None and entry not in wanted:
             wanted.append(entry)
     return wanted
 

@@ -196,3 +196,11 @@ async def test_tls_1_1_refused(paths):
     # the same old client allowed TLS 1.2 gets through: the version was the reason
     result = await _handshake(server_context(paths), _old_client(ssl.TLSVersion.TLSv1_2), "x")
     assert result["got"] == b"hello" and result["version"] == "TLSv1.2"
+
+
+def test_wildcard_listen_addresses_and_unicode_names(tmp_path):
+    paths = ensure_device_certificates(tmp_path, ["0.0.0.0", "::", "[::1]", "メール.example"])
+    dns, ips = _sans(paths.server_cert)
+    assert dns == {"localhost", "xn--4dkua4c.example"}
+    assert ipaddress.ip_address("0.0.0.0") not in ips and ipaddress.ip_address("::") not in ips
+    assert ipaddress.ip_address("::1") in ips
