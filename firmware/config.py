@@ -301,8 +301,9 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not (port.isascii() and port.isdigit()):
         raise ValueError(f"port must be a number, got {port!r}")
     number = int(port)
-    if not 1 <= number <= 65535:
-        raise ValueError(f"port must be 1..65535, got {number}")
+    # Port 0 binds a free port, which the log line "ready: ..." names (useful for tests).
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port must be 0..65535, got {number}")
     return host, number
 
 
