@@ -46,19 +46,41 @@ def _block(name: str, kind: str, help_text: str, value: float | int) -> list[str
     return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {_format(value)}"]
 
 
-def _counters(prefix: str, stats: Mapping[str, Any], what: str) -> Iterable[str]:
-    seen: set[str] = set()
+def _is_gauge(key: str) -> bool:
+    # statistics() holds counters; a value "now" is a level, not a count.
+    return key.endswith("_now") or key.startswith("current_")
+
+
+def _statistics(
+    prefix: str, stats: Mapping[str, Any], what: str, skip: set[str], seen: set[str]
+) -> Iterable[str]:
     for key, raw in stats.items():
+        key = str(key)
+        if key in skip:
+            continue
+        if isinstance(raw, Mapping):
+            # A component's own statistics (e.g. the store's): their kinds are
+            # not known here, so they are exported untyped.
+            for sub, sub_raw in raw.items():
+                value = _number(sub_raw)
+                name = _metric_name(f"{prefix}_{_metric_name('', key)[1:]}", str(sub))
+                if value is not None and name not in seen:
+                    seen.add(name)
+                    yield from _block(name, "untyped", f"{what}: {key} {sub}.", value)
+            continue
         value = _number(raw)
         if value is None:
-            continue  # nested or textual entries are not counters
+            continue  # textual entries are not metrics
         name = _metric_name(prefix, key)
-        if not name.endswith("_total"):
-            name += "_total"
+        kind = "gauge"
+        if not _is_gauge(key):
+            kind = "counter"
+            if not name.endswith("_total"):
+                name += "_total"
         if name in seen:
             continue
         seen.add(name)
-        yield from _block(name, "counter", f"{what}: {key}.", value)
+        yield from _block(name, kind, f"{what}: {key}.", value)
 
 
 def render_metrics(
@@ -66,11 +88,14 @@ def render_metrics(
 ) -> str:
     """The exposition text for the queue's store status and counters (and the web's own)."""
     lines: list[str] = []
+    seen: set[str] = set()  # a name is exported once, first come first kept
     for key, (name, help_text) in _STORE_GAUGES.items():
         value = _number(store.get(key))
         if value is not None:
+            seen.add(name)
             lines.extend(_block(name, "gauge", help_text, value))
-    lines.extend(_counters("matte", stats, "Hold queue count"))
+    # store_status() keys repeated in statistics() are already gauges above.
+    lines.extend(_statistics("matte", stats, "Hold queue", skip=set(_STORE_GAUGES), seen=seen))
     if web:
-        lines.extend(_counters("matte_web", web, "Web server count"))
+        lines.extend(_statistics("matte_web", web, "Web server", skip=set(), seen=seen))
     return "\n".join(lines) + "\n"

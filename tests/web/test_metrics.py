@@ -33,7 +33,7 @@ def _samples(text):
 def test_render_skips_non_numbers_and_sanitises_names():
     text = render_metrics(
         {"messages": 1, "bytes": 2.5, "max_messages": None},
-        {"sent-now": 3, "note": "text", "nested": {"a": 1}, "flag": True, "deliveries_total": 4, "lat": math.inf},
+        {"sent-now": 3, "note": "text", "flag": True, "deliveries_total": 4, "lat": math.inf},
     )
     samples = _samples(text)
     assert samples == {
@@ -47,3 +47,23 @@ def test_render_skips_non_numbers_and_sanitises_names():
     # every sample has HELP and TYPE lines
     for name in samples:
         assert f"# TYPE {name} " in text and f"# HELP {name} " in text
+
+
+def test_statistics_repeating_store_status_and_nested_stats():
+    store = {"messages": 2, "bytes": 10, "max_messages": 5, "max_bytes": 100}
+    stats = {"accepted": 7, **store, "held_now": 2, "store": {"segments": 3, "fsyncs": 9, "path": "x"}}
+    text = render_metrics(store, stats)
+    samples = _samples(text)
+    assert samples == {
+        "matte_held_messages": "2",
+        "matte_held_bytes": "10",
+        "matte_store_max_messages": "5",
+        "matte_store_max_bytes": "100",
+        "matte_accepted_total": "7",
+        "matte_held_now": "2",
+        "matte_store_segments": "3",
+        "matte_store_fsyncs": "9",
+    }
+    assert "# TYPE matte_held_now gauge" in text
+    assert "# TYPE matte_store_fsyncs untyped" in text
+    assert len(set(samples)) == len([line for line in text.splitlines() if line.startswith("# TYPE")])
