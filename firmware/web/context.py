@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -61,16 +62,15 @@ class WebContext:
 
 MAX_EXTEND_SECONDS = 86400
 ACTIONS = ("cancel", "send", "extend")
+_HEX = re.compile(r"[0-9a-fA-F]+")
 
 
 def parse_id(text: str) -> bytes | None:
     """A message id from its hex form in a URL; None when it cannot be one."""
-    if not text or len(text) > 64 or len(text) % 2:
+    # fromhex alone would also take spaces: two spellings of one id.
+    if not text or len(text) > 64 or len(text) % 2 or not _HEX.fullmatch(text):
         return None
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        return None
+    return bytes.fromhex(text)
 
 
 async def perform(ctx: WebContext, action: str, id: bytes, ip: str, seconds: int = 0) -> bool:
