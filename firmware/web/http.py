@@ -170,7 +170,10 @@ async def serve_connection(stream: trio.abc.Stream, handler: Handler, client_ip:
     except h11.LocalProtocolError:
         log.exception("web: protocol misuse on the server side")
     finally:
-        with trio.CancelScope(shield=True):
+        # Shielded but bounded: a TLS close_notify to a peer that never reads
+        # must not hold the task.
+        with trio.move_on_after(_LINGER_SECONDS) as scope:
+            scope.shield = True
             await stream.aclose()
 
 
