@@ -488,6 +488,8 @@ class Log:
         await ticket.event.wait()
         if ticket.error is not None:
             raise StoreError(str(ticket.error)) from ticket.error
+        if kind == _ACCEPT and m.accept is not record:
+            raise StoreError(f"the body of {record.id.hex()} was lost to a write error")
 
     def abandon(self, id: bytes) -> None:
         """Queue a Finish for a message whose body will never be accepted
@@ -629,7 +631,18 @@ class Log:
         items, self._queue = self._queue, []
         sync, self._queue_sync = self._queue_sync, False
         ticket, self._ticket = self._ticket, _Ticket()
-        body_bytes = sum(len(i.payload) for i in items if i.kind == _BODY)
+        body_bytes = 0
+        for i in items:
+            if i.kind == _BODY:
+                body_bytes += len(i.payload)
+            elif i.kind == _ACCEPT and self._msgs[i.id].failed:
+                # Part of its body was lost by an earlier failed write after this
+                # Accept was queued: writing it would acknowledge a message that
+                # a replay would not find. Its committer sees it was not applied.
+                self._msgs[i.id].accept_queued = False
+                i.kind = -1
+        if self._stats["write_errors"]:
+            items = [i for i in items if i.kind != -1]
         if self._broken is not None:
             ticket.error = StoreError(f"the log refuses writes: {self._broken}")
             ticket.event.set()

@@ -75,6 +75,28 @@ async def test_replay_rules_on_handmade_log(tmp_path):
         assert await read_all(log, a) == b"hello world"
 
 
+async def test_replay_of_interrupted_and_finished_copies(tmp_path):
+    a, b, c = new_id(), new_id(), new_id()
+    u1, u2 = Update(a, {"n": 1}), Update(a, {"n": 2})
+    write_segment(tmp_path, [
+        Body(a, 0, b"original"), Accept(a, 8, {}), u1,
+        Body(b, 0, b"bbbb"), Accept(b, 4, {"b": 1}),
+        # a copied forward: body, Accept, then the updates as of the copy.
+        Body(a, 0, b"orig"), Body(a, 4, b"inal"), Accept(a, 8, {}), u1,
+        u2,
+        # b's copy was interrupted by a power cut: b keeps its first body.
+        Body(b, 0, b"bb"),
+        # c was finished while its copy was under way: it stays finished.
+        Body(c, 0, b"c"), Accept(c, 1, {}), Body(c, 0, b"c"), Finish(c, "sent"),
+        Accept(c, 1, {}),
+    ])
+    async with running(tmp_path) as (log, recovered):
+        assert list(recovered) == [a, b]
+        assert recovered[a].updates == [u1, u2]
+        assert await read_all(log, a) == b"original"
+        assert await read_all(log, b) == b"bbbb"
+
+
 async def test_body_restart_from_offset_zero(tmp_path):
     async with running(tmp_path) as (log, _):
         id = new_id()
@@ -256,9 +278,22 @@ async def test_write_failure_is_not_fatal(tmp_path, monkeypatch):
             await log.commit(Accept(id, 4, {}))
         monkeypatch.setattr(os, "writev", real)
         ok = await put(log, b"fine")
-        assert log.statistics()["write_errors"] == 1
+        # A later Accept of a body that lost a piece is refused, too.
+        late = new_id()
+        await log.write_body(late, 0, b"part one")
+        await log.commit(Update(ok, {"flush": 1}))
+        monkeypatch.setattr(os, "writev", lambda fd, b: (_ for _ in ()).throw(
+            OSError(errno.ENOSPC, "No space left on device")))
+        await log.write_body(late, 8, b"part two")
+        with pytest.raises(StoreError):
+            await log.commit(Update(ok, {"fails": 1}))
+        monkeypatch.setattr(os, "writev", real)
+        with pytest.raises(StoreError, match="lost"):
+            await log.commit(Accept(late, 16, {}))
+        assert log.statistics()["write_errors"] == 2
     async with running(tmp_path) as (log, recovered):
         assert list(recovered) == [ok]
+        assert recovered[ok].updates == [Update(ok, {"flush": 1})]
 
 
 async def test_reclaim_unlinks_finished_segments(tmp_path):
