@@ -276,15 +276,18 @@ def _holdback(data: bytes) -> int:
 
 BARE_EOL = "5.6.0 Message rejected: only CRLF line endings are accepted (bare CR or LF)"
 LONG_LINE = f"5.6.0 Message rejected: line longer than {MAX_TEXT_LINE} octets"
+# RFC 5322 forbids NUL; a server that drops NULs would read "\r\n\x00.\r\n"
+# as the end of the message, so it must never be relayed
+NUL_OCTET = "5.6.0 Message rejected: NUL octets are not accepted"
 
 
 class DataReader:
     """Message content after 354 up to CRLF.CRLF.
 
-    ``read(buf, eof)`` consumes from the bytearray ``buf`` and returns
+    ``read(buf)`` consumes from the bytearray ``buf`` and returns
     (content bytes or None, ended). Only ``.\\r\\n`` right after a CRLF (the
-    DATA command's CRLF counts) ends the message. Content with a bare CR/LF or
-    an over-long line is consumed and dropped until the end, where
+    DATA command's CRLF counts) ends the message. Content with a bare CR/LF, a
+    NUL or an over-long line is consumed and dropped until the end, where
     ``error`` says why. Never keeps more than 4 bytes between calls.
     """
 
@@ -335,6 +338,9 @@ class DataReader:
         lf = raw.count(b"\n")
         if lf != raw.count(b"\r") or lf != raw.count(b"\r\n"):
             self.error = remote_error(554, BARE_EOL, "bare CR or LF in message content")
+            return
+        if b"\x00" in raw:
+            self.error = remote_error(554, NUL_OCTET, "NUL in message content")
             return
         # Each step jumps to the last LF within MAX_TEXT_LINE octets of the
         # current line start: every line in between is short enough.
