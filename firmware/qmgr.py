@@ -1,0 +1,469 @@
+"""The hold queue: the one owner of every stored message's state (S1, S7, S10, B2, B4).
+
+State is derived from the log on boot and kept in memory. Every change is a record committed to the
+log first (fsync done), applied second, so what the page shows and what a restart recovers agree.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Callable
+
+import trio
+
+from firmware import policy
+from firmware.netaddr import normalize_ip
+from firmware.wal import Accept, Finish, Log, Recovered, Update
+
+log = logging.getLogger("matte.qmgr")
+
+HELD = "held"  # waiting for its release time; the page lists it
+RELEASING = "releasing"  # its release record is being committed
+RELEASED = "released"  # handed to delivery
+CANCELLING = "cancelling"  # its cancel record is being committed
+
+# How far a single extend may push a hold (B4): one day.
+MAX_EXTEND_SECONDS = 86400
+
+
+class WallClock:
+    """Absolute time that advances with trio's clock, so tests' autojump moves it too."""
+
+    def __init__(self) -> None:
+        self._offset = time.time() - trio.current_time()
+
+    def __call__(self) -> float:
+        return trio.current_time() + self._offset
+
+
+@dataclass(frozen=True)
+class HeldView:
+    """What the page and the API may see of a held message: never its body (S6)."""
+
+    id: bytes
+    client_ip: str
+    sender: str
+    from_: str
+    to: tuple[str, ...]
+    cc: tuple[str, ...]
+    bcc_count: int
+    subject: str
+    size: int
+    received_at: float
+    release_at: float
+
+
+@dataclass
+class Message:
+    id: bytes
+    client_ip: str
+    sender: str
+    recipients: tuple[str, ...]
+    summary: dict
+    size: int
+    received_at: float
+    release_at: float
+    held: bool
+    mail_options: dict = field(default_factory=dict)
+    state: str = HELD
+    released_at: float | None = None
+    delivered_to: tuple[str, ...] = ()
+
+    def meta(self) -> dict:
+        return {
+            "ip": self.client_ip,
+            "from": self.sender,
+            "rcpt": list(self.recipients),
+            "sum": self.summary,
+            "recv": self.received_at,
+            "rel": self.release_at,
+            "held": self.held,
+            "opt": self.mail_options,
+        }
+
+    @classmethod
+    def from_meta(cls, id: bytes, size: int, meta: dict) -> "Message":
+        msg = cls(
+            id=id,
+            client_ip=meta["ip"],
+            sender=meta["from"],
+            recipients=tuple(meta["rcpt"]),
+            summary=meta["sum"],
+            size=size,
+            received_at=meta["recv"],
+            release_at=meta["rel"],
+            held=meta["held"],
+            mail_options=meta.get("opt", {}),
+        )
+        if "released" in meta:
+            msg.apply({"released": meta["released"]})
+        return msg
+
+    def apply(self, changes: dict) -> None:
+        if "rel" in changes:
+            self.release_at = changes["rel"]
+        if "released" in changes:
+            self.state = RELEASED
+            self.released_at = changes["released"]
+        if "delivered" in changes:
+            self.delivered_to = self.delivered_to + tuple(changes["delivered"])
+
+    def view(self) -> HeldView:
+        s = self.summary
+        to, cc = tuple(s.get("to", ())), tuple(s.get("cc", ()))
+        visible = {a.lower() for a in to + cc}
+        bcc = sum(1 for r in self.recipients if r.lower() not in visible)
+        return HeldView(
+            id=self.id,
+            client_ip=self.client_ip,
+            sender=self.sender,
+            from_=s.get("from", ""),
+            to=to,
+            cc=cc,
+            bcc_count=bcc,
+            subject=s.get("subject", ""),
+            size=self.size,
+            received_at=self.received_at,
+            release_at=self.release_at,
+        )
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One released message handed to the relay: what it needs and nothing it may change."""
+
+    id: bytes
+    sender: str
+    recipients: tuple[str, ...]  # those not yet delivered
+    size: int
+    mail_options: dict
+    released_at: float
+
+
+class Reservation:
+    """Room in the store for one message being received; gives it back when closed."""
+
+    def __init__(self, queue: "HoldQueue", size_hint: int) -> None:
+        self._queue = queue
+        self.bytes = size_hint
+        self.open = True
+
+    def grow(self, size: int) -> None:
+        if size > self.bytes:
+            self._queue._reserved_bytes += size - self.bytes
+            self.bytes = size
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            self._queue._reserved_messages -= 1
+            self._queue._reserved_bytes -= self.bytes
+
+
+class HoldQueue:
+    def __init__(
+        self,
+        store: Log,
+        *,
+        hold_seconds: float,
+        max_messages: int,
+        max_bytes: int,
+        now: Callable[[], float] | None = None,
+        audit=None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self._log = store
+        self.hold_seconds = hold_seconds
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self._now = now or WallClock()
+        self._audit = audit
+        self._on_change = on_change or (lambda: None)
+        self._messages: dict[bytes, Message] = {}
+        self._bytes = 0
+        self._reserved_messages = 0
+        self._reserved_bytes = 0
+        self._timers: list[tuple[float, bytes]] = []
+        self._wakeup = trio.Event()
+        send, receive = trio.open_memory_channel(math.inf)
+        self._to_relay: trio.MemorySendChannel[Delivery] = send
+        self.deliveries: trio.MemoryReceiveChannel[Delivery] = receive
+        self.counters = dict.fromkeys(
+            ["accepted", "held", "passed", "released", "cancelled", "sent_now", "extended",
+             "delivered", "deferred", "failed"], 0)
+
+    # -- boot ---------------------------------------------------------------------------------
+
+    def recover(self, recovered: dict[bytes, Recovered], on_boot: str) -> int:
+        """Rebuild state from the log (S7, B2). Returns how many messages came back."""
+        now = self._now()
+        for id, rec in recovered.items():
+            msg = Message.from_meta(id, rec.accept.size, rec.accept.meta)
+            for update in rec.updates:
+                msg.apply(update.changes)
+            self._add(msg)
+        for msg in list(self._messages.values()):
+            if msg.state is RELEASED or on_boot == "send" or msg.release_at <= now:
+                # Released before the restart, or S7's "all held mail is sent at once on boot".
+                self._release_now(msg, msg.released_at or now)
+            else:
+                self._schedule(msg)
+        if self._messages:
+            log.info("recovered %d message(s), on_boot=%s", len(self._messages), on_boot)
+        return len(self._messages)
+
+    # -- capacity (S10) -----------------------------------------------------------------------
+
+    def usage(self) -> policy.Usage:
+        return policy.Usage(
+            messages=len(self._messages) + self._reserved_messages,
+            bytes=self._bytes + self._reserved_bytes,
+            max_messages=self.max_messages,
+            max_bytes=self.max_bytes,
+        )
+
+    def reserve(self, size_hint: int = 0) -> Reservation | policy.Reply:
+        """Room for one more message, or the 452 to answer (nothing is taken then)."""
+        refusal = policy.check_capacity(self.usage(), size_hint)
+        if refusal is not None:
+            return refusal
+        self._reserved_messages += 1
+        self._reserved_bytes += size_hint
+        return Reservation(self, size_hint)
+
+    def held_count(self) -> int:
+        return sum(1 for m in self._messages.values() if m.held and m.state is HELD)
+
+    def is_full(self) -> bool:
+        u = self.usage()
+        return u.messages >= u.max_messages or u.bytes >= u.max_bytes
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    @property
+    def store(self) -> Log:
+        return self._log
+
+    async def write_body(self, id: bytes, offset: int, data: bytes) -> None:
+        await self._log.write_body(id, offset, data)
+
+    def discard(self, id: bytes) -> None:
+        """A body that will never be accepted: its space can be reclaimed."""
+        self._log.abandon(id)
+
+    async def accept(
+        self,
+        id: bytes,
+        *,
+        client_ip: str,
+        sender: str,
+        recipients: tuple[str, ...],
+        summary: dict,
+        size: int,
+        hold: bool,
+        mail_options: dict,
+    ) -> Message:
+        """Make a received message durable (the caller answers 250 only after this returns)."""
+        now = self._now()
+        msg = Message(
+            id=id,
+            client_ip=normalize_ip(client_ip),
+            sender=sender,
+            recipients=recipients,
+            summary=summary,
+            size=size,
+            received_at=now,
+            release_at=now + self.hold_seconds if hold else now,
+            held=hold,
+            mail_options=mail_options,
+        )
+        meta = msg.meta()
+        if not hold:
+            # Passed at once (S2, S9): released in the same record, one fsync.
+            msg.apply({"released": now})
+            meta["released"] = now
+        await self._log.commit(Accept(id, size, meta))
+        self._add(msg)
+        self.counters["accepted"] += 1
+        self.counters["held" if hold else "passed"] += 1
+        self._record("accept", msg, held=hold, size=size, recipients=len(recipients))
+        if hold:
+            self._schedule(msg)
+        else:
+            self.counters["released"] += 1
+            self._release_now(msg, now)
+            self._record("release", msg, why="pass")
+        self._on_change()
+        return msg
+
+    # -- the page's actions -------------------------------------------------------------------
+
+    def held_for(self, ip: str) -> list[HeldView]:
+        ip = normalize_ip(ip)
+        mine = [m for m in self._messages.values()
+                if m.held and m.state is HELD and m.client_ip == ip]
+        return [m.view() for m in sorted(mine, key=lambda m: m.received_at)]
+
+    def _held_by(self, id: bytes, ip: str) -> Message | None:
+        msg = self._messages.get(id)
+        if msg is None or msg.state is not HELD or msg.client_ip != normalize_ip(ip):
+            return None
+        return msg
+
+    async def cancel(self, id: bytes, ip: str) -> bool:
+        msg = self._held_by(id, ip)
+        if msg is None:
+            return False
+        # Taken out of the timers' reach before the await, so a confirmed cancel is never sent.
+        msg.state = CANCELLING
+        try:
+            await self._log.commit(Finish(id, "cancelled"))
+        except BaseException:
+            msg.state = HELD
+            self._schedule(msg)
+            raise
+        self._remove(msg)
+        self.counters["cancelled"] += 1
+        self._record("cancel", msg)
+        self._on_change()
+        return True
+
+    async def send_now(self, id: bytes, ip: str) -> bool:
+        msg = self._held_by(id, ip)
+        if msg is None:
+            return False
+        await self._release(msg, "send-now")
+        self.counters["sent_now"] += 1
+        return True
+
+    async def extend(self, id: bytes, ip: str, seconds: int) -> bool:
+        msg = self._held_by(id, ip)
+        if msg is None or not 0 < seconds <= MAX_EXTEND_SECONDS:
+            return False
+        before = msg.release_at
+        # Applied before the await so the old timer cannot fire meanwhile; undone if not durable.
+        msg.release_at = max(before, self._now()) + seconds
+        try:
+            await self._log.commit(Update(id, {"rel": msg.release_at}))
+        except BaseException:
+            msg.release_at = before
+            raise
+        finally:
+            self._schedule(msg)
+        self.counters["extended"] += 1
+        self._record("extend", msg, seconds=seconds, release_at=msg.release_at)
+        self._on_change()
+        return True
+
+    def store_status(self) -> dict:
+        return {
+            "messages": len(self._messages),
+            "bytes": self._bytes,
+            "max_messages": self.max_messages,
+            "max_bytes": self.max_bytes,
+        }
+
+    def statistics(self) -> dict:
+        return {**self.counters, **self.store_status(),
+                "held_now": self.held_count(),
+                "store": self._log.statistics()}
+
+    # -- delivery's side ----------------------------------------------------------------------
+
+    def read_body(self, id: bytes) -> AsyncIterator[bytes]:
+        return self._log.read_body(id)
+
+    def is_pending(self, id: bytes) -> bool:
+        """False once the message is finished (e.g. cancelled just before its release)."""
+        return id in self._messages
+
+    async def delivered(self, id: bytes, recipients: tuple[str, ...]) -> None:
+        """Some recipients are done; remember it so a restart does not send to them again."""
+        msg = self._messages.get(id)
+        if msg is None or not recipients:
+            return
+        await self._log.commit(Update(id, {"delivered": list(recipients)}))
+        msg.apply({"delivered": list(recipients)})
+
+    async def finish(self, id: bytes, outcome: str, **details) -> None:
+        """Delivery is over ("delivered", or "failed" after the retry window or a 5xx)."""
+        msg = self._messages.get(id)
+        if msg is None:
+            return
+        await self._log.commit(Finish(id, outcome))
+        if self._messages.get(id) is msg:
+            self._remove(msg)
+        self.counters["delivered" if outcome == "delivered" else "failed"] += 1
+        self._record("delivery" if outcome == "delivered" else "undeliverable", msg, **details)
+        self._on_change()
+
+    def note_deferred(self, id: bytes, reason: str) -> None:
+        self.counters["deferred"] += 1
+        msg = self._messages.get(id)
+        if msg is not None:
+            self._record("defer", msg, reason=reason)
+
+    # -- the timer task -----------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Release held mail when its time comes."""
+        task_status.started()
+        while True:
+            self._wakeup = trio.Event()
+            now = self._now()
+            while self._timers and self._timers[0][0] <= now:
+                release_at, id = heapq.heappop(self._timers)
+                msg = self._messages.get(id)
+                if msg is not None and msg.state is HELD and msg.release_at == release_at:
+                    await self._release(msg, "timer")
+                now = self._now()
+            delay = self._timers[0][0] - now if self._timers else math.inf
+            with trio.move_on_after(delay):
+                await self._wakeup.wait()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _add(self, msg: Message) -> None:
+        self._messages[msg.id] = msg
+        self._bytes += msg.size
+
+    def _remove(self, msg: Message) -> None:
+        del self._messages[msg.id]
+        self._bytes -= msg.size
+
+    def _schedule(self, msg: Message) -> None:
+        heapq.heappush(self._timers, (msg.release_at, msg.id))
+        self._wakeup.set()
+
+    async def _release(self, msg: Message, why: str) -> None:
+        if msg.state is not HELD:
+            return
+        msg.state = RELEASING
+        now = self._now()
+        try:
+            await self._log.commit(Update(msg.id, {"released": now, "why": why}))
+        except BaseException:
+            msg.state = HELD
+            self._schedule(msg)
+            raise
+        self._release_now(msg, now)
+        self.counters["released"] += 1
+        self._record("release", msg, why=why)
+        self._on_change()
+
+    def _release_now(self, msg: Message, released_at: float) -> None:
+        msg.state = RELEASED
+        msg.released_at = released_at
+        pending = tuple(r for r in msg.recipients if r not in set(msg.delivered_to))
+        self._to_relay.send_nowait(
+            Delivery(msg.id, msg.sender, pending, msg.size, msg.mail_options, released_at))
+
+    def _record(self, event: str, msg: Message, **fields) -> None:
+        if self._audit is not None:
+            self._audit.write(event, id=msg.id.hex(), ip=msg.client_ip, sender=msg.sender,
+                              **fields)
