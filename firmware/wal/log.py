@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -31,6 +32,7 @@ SEGMENT_BYTES = 64 * MiB
 MAX_QUEUED_BYTES = 8 * MiB  # body bytes queued or in flight before write_body waits
 BODY_PIECE = 1 * MiB  # bodies are framed in pieces of at most this size
 READ_CHUNK = 256 * 1024  # read_body yields about this much at a time
+MAINTAIN_INTERVAL = 0.5  # seconds between reclaim/compaction checks
 COPY_CHUNK = 4 * MiB  # compaction copies at most this much per batch
 REPLAY_CHUNK = 1 * MiB
 SUFFIX = ".wal"
@@ -606,20 +608,22 @@ class Log:
             task_status.started()
             while True:
                 busy = self._queue or (self._copies and not self._closing and not self._broken)
-                if (self._maintain_needed and not self._broken and not self._closing
-                        and (not busy or trio.current_time() >= self._next_maintain)):
-                    # Rate-limited under load: it walks every known message.
+                maintain = self._maintain_needed and not self._broken and not self._closing
+                if maintain and trio.current_time() >= self._next_maintain:
                     with trio.CancelScope(shield=True):
                         await self._maintain()
-                    self._next_maintain = trio.current_time() + 0.5
+                    # Rate-limited: it walks every known message.
+                    self._next_maintain = trio.current_time() + MAINTAIN_INTERVAL
                 elif busy:
                     with trio.CancelScope(shield=True):
                         await self._batch()
                 elif self._closing:
                     return
                 else:
-                    await self._wake.wait()
-                    self._wake = trio.Event()
+                    with trio.move_on_at(self._next_maintain if maintain else math.inf):
+                        await self._wake.wait()
+                    if self._wake.is_set():
+                        self._wake = trio.Event()
         finally:
             self._running = False
             if not self._closing:
@@ -834,7 +838,7 @@ class Log:
         """Unlink segments nobody needs; start compaction when the files are
         much larger than the live data."""
         self._maintain_needed = False
-        while True:
+        while len(self._segments) > 1:
             needed: set[int] = set()
             for m in self._msgs.values():
                 needed |= m.needed_segments()

@@ -350,7 +350,7 @@ async def test_compaction_keeps_live_messages(tmp_path):
         assert stats["compactions"] >= 1 and stats["copied_messages"] >= 1
         assert await read_all(log, live) == body
         await log.commit(Update(live, {"release": True}))
-        assert stats["bytes_on_disk"] <= 4 * 4096 + 4096
+        await wait_until(lambda: log.statistics()["bytes_on_disk"] <= 5 * 4096)
     async with running(tmp_path, segment_bytes=4096) as (log, recovered):
         assert list(recovered) == [live]
         assert recovered[live].accept.meta == {"who": "live"}
@@ -435,3 +435,44 @@ async def test_abandon(tmp_path):
         for _ in range(6):
             await log.commit(Finish(await put(log, os.urandom(1500)), "x"))
         await wait_until(lambda: first not in segment_files(tmp_path))
+
+
+async def test_commit_returns_after_fdatasync(tmp_path, monkeypatch):
+    calls = []
+    real = os.fdatasync
+
+    def counting(fd):
+        real(fd)
+        calls.append(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting)
+    async with running(tmp_path) as (log, _):
+        id = new_id()
+        await log.write_body(id, 0, b"body")
+        await trio.sleep(0.05)
+        assert calls == []  # body writes alone are not synced
+        await log.commit(Accept(id, 4, {}))
+        assert len(calls) == 1
+        await log.commit(Update(id, {"x": 1}))
+        assert len(calls) == 2
+
+
+async def test_rotation_syncs_directory_and_old_segment(tmp_path, monkeypatch):
+    synced = []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+    monkeypatch.setattr(os, "fsync", lambda fd: (real_fsync(fd), synced.append(
+        ("fsync", os.readlink(f"/proc/self/fd/{fd}"))))[0])
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (real_fdatasync(fd), synced.append(
+        ("fdatasync", os.readlink(f"/proc/self/fd/{fd}"))))[0])
+    async with running(tmp_path, segment_bytes=4096) as (log, _):
+        id = new_id()
+        await log.write_body(id, 0, b"a" * 5000)
+        await trio.sleep(0.05)  # written, not synced
+        synced.clear()
+        await log.write_body(id, 5000, b"b" * 10)  # goes to a new segment
+        await log.commit(Accept(id, 5010, {}))
+    assert synced[:3] == [
+        ("fdatasync", str(tmp_path / "0000000000000001.wal")),
+        ("fsync", str(tmp_path)),
+        ("fdatasync", str(tmp_path / "0000000000000002.wal")),
+    ]
