@@ -1,0 +1,145 @@
+"""The root nursery: the only place that wires services together.
+
+Services start in a fixed order and the gateway says "ready" only when the store is recovered and
+every listener is bound: store -> queue -> relay -> SMTP (plain + STARTTLS, implicit TLS) -> web.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+
+import board
+from firmware import tls
+from firmware.audit import AuditLog
+from firmware.config import Config, parse_listen
+from firmware.qmgr import HoldQueue, WallClock
+from firmware.relay import Relay, Upstream, check_credentials
+from firmware.smtpd import SmtpService, serve_smtp
+from firmware.wal import Log
+from firmware.web import serve_web
+
+log = logging.getLogger("matte")
+
+
+@dataclass(frozen=True)
+class Running:
+    """What a started gateway tells its caller (tests use the bound ports)."""
+
+    smtp: list[tuple[str, int]]
+    smtps: list[tuple[str, int]]
+    web: list[tuple[str, int]]
+    queue: HoldQueue
+    ca_file: Path
+
+
+def run(config: Config) -> None:
+    trio.run(serve, config)
+
+
+def _secret(path: Path) -> bytes:
+    """A device secret kept in the data dir (mode 0600): signs the page's tokens."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        value = secrets.token_bytes(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(value)
+            f.flush()
+            os.fsync(f.fileno())
+        return value
+
+
+def _certificate_names(config: Config) -> list[str]:
+    names = [config.smtp.hostname]
+    for entry in (*config.smtp.listen, *config.smtp.listen_tls, *config.web.listen):
+        host, _port = parse_listen(entry)
+        if host not in names:
+            names.append(host)
+    return names
+
+
+async def serve(config: Config, *, the_board=None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    data_dir = Path(config.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    hw = the_board or board.open_board("sim")
+    hw.set_led("booting")
+    device = await trio.to_thread.run_sync(tls.ensure_device_certificates, data_dir,
+                                           _certificate_names(config))
+    server_tls = tls.server_context(device)
+    with AuditLog(config.audit_log or data_dir / "audit.jsonl") as audit:
+        store, recovered = await Log.open(data_dir / "store")
+        try:
+            await _serve(config, hw, audit, store, recovered, server_tls, device, task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await store.aclose()
+
+
+async def _serve(config, hw, audit, store, recovered, server_tls, device, task_status) -> None:
+    data_dir = Path(config.data_dir)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_sigterm, nursery.cancel_scope)
+        await nursery.start(store.run)
+
+        queue: HoldQueue  # the LED follows the queue (S10: "queue full")
+        def show_state() -> None:
+            hw.set_led("queue-full" if queue.is_full()
+                       else "holding" if queue.held_count() else "ready")
+
+        now = WallClock()
+        queue = HoldQueue(store, hold_seconds=config.hold.seconds,
+                          max_messages=config.hold.max_messages, max_bytes=config.hold.max_bytes,
+                          now=now, audit=audit, on_change=show_state)
+        queue.recover(recovered, config.hold.on_boot)
+
+        up = config.upstream
+        upstream = None
+        if up.host is not None:
+            client_tls = tls.client_context(up.ca_file) if up.tls != "none" else None
+            upstream = Upstream(up.host, up.port, up.tls, up.username, up.password, client_tls,
+                                up.helo or config.smtp.hostname)
+        relay = Relay(queue, upstream=upstream, outbox=None if upstream else up.outbox,
+                      retry_seconds=up.retry_seconds, now=now)
+        await nursery.start(relay.run)
+        await nursery.start(queue.run)
+
+        s = config.smtp
+        service = SmtpService(
+            queue=queue, hostname=s.hostname, max_message_size=s.max_message_size,
+            max_recipients=config.hold.max_recipients, allowed_networks=s.allowed_networks,
+            plain_auth_networks=s.plain_auth_networks,
+            sender_rules=config.whitelist.senders, recipient_rules=config.whitelist.recipients,
+            tls_context=server_tls, authenticate=partial(check_credentials, upstream))
+        smtp = await nursery.start(partial(serve_smtp, service, [parse_listen(a) for a in s.listen]))
+        smtps = await nursery.start(partial(serve_smtp, service,
+                                            [parse_listen(a) for a in s.listen_tls],
+                                            implicit_tls=True))
+        secret = await trio.to_thread.run_sync(_secret, data_dir / "web.key")
+        web = await nursery.start(partial(serve_web, [parse_listen(a) for a in config.web.listen],
+                                          queue, secret))
+        show_state()
+        log.info("ready: smtp %s, smtps %s, web %s, data %s, upstream %s",
+                 _addrs(smtp), _addrs(smtps), _addrs(web), data_dir,
+                 f"{up.host}:{up.port} ({up.tls})" if upstream else f"outbox {up.outbox}")
+        task_status.started(Running(smtp, smtps, web, queue, device.ca_cert))
+
+
+def _addrs(bound) -> str:
+    return " ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in bound) or "-"
+
+
+async def _stop_on_sigterm(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("%s: shutting down", signal.Signals(signum).name)
+            scope.cancel()
+            return

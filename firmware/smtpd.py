@@ -1,0 +1,412 @@
+"""The inbound SMTP server: trio glue between a socket, the sans-IO state machine and the queue.
+
+One `Session` per connection. It feeds bytes to `smtp.Connection`, answers each command in order
+(replies to pipelined commands go out together), streams DATA into the store as it arrives, and
+answers 250 only after the queue says the message is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Awaitable, Callable, Sequence
+
+import trio
+
+from firmware import policy
+from firmware.netaddr import ip_in, normalize_ip
+from firmware.qmgr import HoldQueue, Reservation
+from firmware.smtp import (
+    CLOSED,
+    NEED_DATA,
+    PAUSED,
+    SERVER,
+    Auth,
+    AuthResponse,
+    Connection,
+    ConnectionClosed,
+    Data,
+    DataChunk,
+    EndOfData,
+    Hello,
+    Help,
+    MailFrom,
+    Noop,
+    Quit,
+    RcptTo,
+    RemoteProtocolError,
+    Reply,
+    Rset,
+    StartTLS,
+    Vrfy,
+)
+from firmware.summary import HeaderCollector, summarize
+from firmware.wal import StoreError
+
+log = logging.getLogger("matte.smtpd")
+
+# RFC 5321 4.5.3.2: a server should wait at least 5 minutes for a command, 3 for a data block.
+COMMAND_TIMEOUT = 300.0
+DATA_BLOCK_TIMEOUT = 180.0
+TLS_HANDSHAKE_TIMEOUT = 30.0
+RECEIVE_SIZE = 256 * 1024
+# A client that keeps making mistakes is cut off rather than served forever (Postfix: 20).
+MAX_ERRORS = 20
+
+Authenticator = Callable[[str, str], Awaitable[Reply]]
+
+OK = Reply.of(250, "2.0.0 Ok")
+BYE = Reply.of(221, "2.0.0 Bye")
+TIMEOUT = Reply.of(421, "4.4.2 Timeout, closing connection")
+TOO_MANY_ERRORS = Reply.of(421, "4.7.0 Too many errors, closing connection")
+NOT_ALLOWED = Reply.of(554, "5.7.1 Your address is not allowed to send mail through this gateway")
+STORE_ERROR = Reply.of(451, "4.3.0 Could not store the message, try again later")
+NEED_TLS = Reply.of(530, "5.7.0 Must issue a STARTTLS command first")
+AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+BAD_MECHANISM = Reply.of(
+    504, "5.5.4 Unsupported authentication mechanism: use PLAIN or LOGIN "
+    "(challenge-response mechanisms cannot be relayed upstream)")
+BAD_AUTH_DATA = Reply.of(501, "5.5.2 Cannot decode the authentication data")
+
+
+@dataclass
+class SmtpService:
+    """What every session shares: settings, the queue, TLS, and how to check a password."""
+
+    queue: HoldQueue
+    hostname: str
+    max_message_size: int
+    max_recipients: int
+    allowed_networks: Sequence
+    plain_auth_networks: Sequence
+    sender_rules: Sequence[str]
+    recipient_rules: Sequence[str]
+    tls_context: ssl.SSLContext | None
+    authenticate: Authenticator
+    counters: dict = field(default_factory=lambda: {"connections": 0, "refused": 0})
+
+
+@dataclass
+class Transaction:
+    sender: str
+    options: dict
+    reservation: Reservation
+    recipients: list[str] = field(default_factory=list)
+    id: bytes | None = None
+    size: int = 0
+    too_big: bool = False
+    store_failed: bool = False
+    headers: HeaderCollector | None = None
+
+
+class Session:
+    def __init__(self, service: SmtpService, stream: trio.abc.Stream, peer_ip: str,
+                 *, implicit_tls: bool) -> None:
+        self.service = service
+        self.stream = stream
+        self.peer_ip = normalize_ip(peer_ip)
+        self.implicit_tls = implicit_tls
+        self.conn = Connection(SERVER)
+        self.out = bytearray()
+        self.tx: Transaction | None = None
+        self.errors = 0
+        self.auth_state: tuple[str, list[bytes]] | None = None
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            if self.implicit_tls:
+                if not await self._handshake():
+                    return
+            if not ip_in(self.peer_ip, self.service.allowed_networks):
+                self.service.counters["refused"] += 1
+                log.info("refused %s: not in allowed_networks", self.peer_ip)
+                self._reply(NOT_ALLOWED)
+                await self._flush()
+                return
+            self._reply(Reply.of(220, f"{self.service.hostname} ESMTP Matte"))
+            await self._serve()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
+            log.debug("connection from %s lost: %s", self.peer_ip, exc)
+        finally:
+            await self._abort_transaction()
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.stream.aclose()
+
+    async def _serve(self) -> None:
+        conn = self.conn
+        while conn.state is not CLOSED:
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError as exc:
+                await self._protocol_error(exc)
+                continue
+            if event is NEED_DATA:
+                await self._flush()
+                if not await self._receive():
+                    return
+                continue
+            if event is PAUSED:  # cannot happen: every command is answered before the next
+                raise RuntimeError("SMTP connection paused with no reply pending")
+            if isinstance(event, ConnectionClosed):
+                return
+            reply = await self._handle(event)
+            if reply is not None:
+                self._reply(reply)
+            if isinstance(event, StartTLS) and reply.code == 220:
+                await self._flush()
+                if not await self._handshake():
+                    return
+                conn.tls_started()
+        await self._flush()
+
+    async def _receive(self) -> bool:
+        timeout = DATA_BLOCK_TIMEOUT if self.tx and self.tx.id else COMMAND_TIMEOUT
+        with trio.move_on_after(timeout):
+            self.conn.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
+            return True
+        self._reply(TIMEOUT)
+        await self._flush()
+        return False
+
+    async def _handshake(self) -> bool:
+        assert self.service.tls_context is not None
+        self.stream = trio.SSLStream(self.stream, self.service.tls_context, server_side=True)
+        with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT):
+            await self.stream.do_handshake()
+            return True
+        log.info("TLS handshake with %s timed out", self.peer_ip)
+        return False
+
+    def _reply(self, reply: Reply) -> None:
+        self.out += self.conn.send(reply)
+
+    async def _flush(self) -> None:
+        if self.out:
+            data, self.out = bytes(self.out), bytearray()
+            await self.stream.send_all(data)
+
+    async def _protocol_error(self, exc: RemoteProtocolError) -> None:
+        if self.tx is not None and self.tx.id is not None:
+            await self._abort_transaction()  # e.g. bare LF in DATA: the message is not accepted
+        self.errors += 1
+        self._reply(TOO_MANY_ERRORS if self.errors >= MAX_ERRORS else exc.reply)
+
+    # -- commands -----------------------------------------------------------------------------
+
+    async def _handle(self, event) -> Reply | None:
+        if isinstance(event, DataChunk):
+            await self._data_chunk(event.data)
+            return None
+        if isinstance(event, EndOfData):
+            return await self._end_of_data()
+        if isinstance(event, Hello):
+            await self._abort_transaction()
+            return self._hello(event)
+        if isinstance(event, MailFrom):
+            return self._mail(event)
+        if isinstance(event, RcptTo):
+            return self._rcpt(event)
+        if isinstance(event, Data):
+            return self._data()
+        if isinstance(event, Rset):
+            await self._abort_transaction()
+            return OK
+        if isinstance(event, Noop):
+            return OK
+        if isinstance(event, Quit):
+            return BYE
+        if isinstance(event, Vrfy):
+            return Reply.of(252, "2.5.2 Cannot VRFY user, but will accept the message")
+        if isinstance(event, Help):
+            return Reply.of(214, "2.0.0 Matte holds outgoing mail before relaying it; "
+                            "see the /mail page of this gateway")
+        if isinstance(event, StartTLS):
+            if self.service.tls_context is None:
+                return Reply.of(454, "4.7.0 TLS not available")
+            return Reply.of(220, "2.0.0 Ready to start TLS")
+        if isinstance(event, Auth):
+            return await self._auth(event)
+        if isinstance(event, AuthResponse):
+            return await self._auth_response(event.data)
+        raise RuntimeError(f"unexpected SMTP event {event!r}")
+
+    def _auth_offered(self) -> bool:
+        return self.conn.tls or ip_in(self.peer_ip, self.service.plain_auth_networks)
+
+    def _hello(self, event: Hello) -> Reply:
+        name = self.service.hostname
+        if event.verb == "HELO":
+            return Reply.of(250, name)
+        lines = [name, "PIPELINING", f"SIZE {self.service.max_message_size}", "8BITMIME",
+                 "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+        if self.service.tls_context is not None and not self.conn.tls:
+            lines.append("STARTTLS")
+        if self._auth_offered():
+            lines.append("AUTH " + " ".join(AUTH_MECHANISMS))
+        return Reply.of(250, *lines)
+
+    def _mail(self, event: MailFrom) -> Reply:
+        refusal = policy.check_size(event.size, self.service.max_message_size)
+        if refusal is not None:
+            return refusal
+        reservation = self.service.queue.reserve(event.size or 0)
+        if isinstance(reservation, Reply):
+            return reservation
+        options = {}
+        if event.body:
+            options["body"] = event.body
+        if event.smtputf8:
+            options["smtputf8"] = True
+        self.tx = Transaction(event.sender, options, reservation)
+        return Reply.of(250, "2.1.0 Sender ok")
+
+    def _rcpt(self, event: RcptTo) -> Reply:
+        assert self.tx is not None
+        if len(self.tx.recipients) >= policy.MAX_ENVELOPE_RECIPIENTS:
+            return policy.TOO_MANY_RECIPIENTS
+        usage = self.service.queue.usage()
+        if usage.bytes > usage.max_bytes:
+            return policy.STORE_FULL
+        self.tx.recipients.append(event.recipient)
+        return Reply.of(250, "2.1.5 Recipient ok")
+
+    def _data(self) -> Reply:
+        assert self.tx is not None
+        self.tx.id = os.urandom(16)
+        self.tx.headers = HeaderCollector()
+        return Reply.of(354, "End data with <CR><LF>.<CR><LF>")
+
+    async def _data_chunk(self, data: bytes) -> None:
+        tx = self.tx
+        assert tx is not None and tx.id is not None
+        offset = tx.size
+        tx.size += len(data)
+        if tx.too_big or tx.size > self.service.max_message_size:
+            tx.too_big = True  # keep reading to the end, store nothing more (S8)
+            return
+        if tx.store_failed:
+            return
+        tx.reservation.grow(tx.size)
+        tx.headers.feed(data)
+        try:
+            await self.service.queue.write_body(tx.id, offset, data)
+        except StoreError as exc:
+            log.error("store failed while receiving from %s: %s", self.peer_ip, exc)
+            tx.store_failed = True
+
+    async def _end_of_data(self) -> Reply:
+        tx = self.tx
+        assert tx is not None and tx.id is not None
+        if tx.too_big:
+            await self._abort_transaction()
+            return policy.too_big(self.service.max_message_size)
+        if tx.store_failed:
+            await self._abort_transaction()
+            return STORE_ERROR
+        usage = self.service.queue.usage()
+        if usage.bytes > usage.max_bytes:
+            await self._abort_transaction()
+            return policy.STORE_FULL
+        decision = policy.decide(
+            tx.sender, tx.recipients,
+            sender_rules=self.service.sender_rules,
+            recipient_rules=self.service.recipient_rules,
+            max_recipients=self.service.max_recipients,
+        )
+        try:
+            with trio.CancelScope(shield=True):
+                msg = await self.service.queue.accept(
+                    tx.id,
+                    client_ip=self.peer_ip,
+                    sender=tx.sender,
+                    recipients=tuple(tx.recipients),
+                    summary=summarize(tx.headers.header_bytes()),
+                    size=tx.size,
+                    hold=decision.hold,
+                    mail_options=tx.options,
+                )
+        except StoreError as exc:
+            log.error("store failed, message from %s refused: %s", self.peer_ip, exc)
+            await self._abort_transaction()
+            return STORE_ERROR
+        tx.id = None  # accepted: no longer ours to discard
+        self._end_transaction()
+        ref = msg.id.hex()
+        if decision.hold:
+            return Reply.of(250, f"2.0.0 Ok: held for {round(msg.release_at - msg.received_at)}"
+                            f" s as {ref}")
+        return Reply.of(250, f"2.0.0 Ok: queued as {ref} ({decision.reason}: not held)")
+
+    # -- AUTH (S4) ----------------------------------------------------------------------------
+
+    async def _auth(self, event: Auth) -> Reply:
+        if not self._auth_offered():
+            return NEED_TLS
+        if event.mechanism not in AUTH_MECHANISMS:
+            return BAD_MECHANISM
+        self.auth_state = (event.mechanism, [])
+        if event.mechanism == "PLAIN":
+            if event.initial is None:
+                return Reply(334, ("",))
+            return await self._auth_response(event.initial)
+        if event.initial is not None:
+            return await self._auth_response(event.initial)
+        return Reply(334, ("VXNlcm5hbWU6",))  # "Username:"
+
+    async def _auth_response(self, data: bytes) -> Reply:
+        assert self.auth_state is not None
+        mechanism, answers = self.auth_state
+        answers.append(data)
+        if mechanism == "LOGIN" and len(answers) == 1:
+            return Reply(334, ("UGFzc3dvcmQ6",))  # "Password:"
+        self.auth_state = None
+        try:
+            if mechanism == "PLAIN":
+                _authzid, user, password = answers[0].split(b"\0")
+            else:
+                user, password = answers
+            username, secret = user.decode("utf-8"), password.decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return BAD_AUTH_DATA
+        reply = await self.service.authenticate(username, secret)
+        log.info("AUTH %s for %r from %s: %d", mechanism, username, self.peer_ip, reply.code)
+        return reply
+
+    # -- cleanup ------------------------------------------------------------------------------
+
+    def _end_transaction(self) -> None:
+        if self.tx is not None:
+            self.tx.reservation.close()
+            self.tx = None
+
+    async def _abort_transaction(self) -> None:
+        tx, self.tx = self.tx, None
+        if tx is None:
+            return
+        tx.reservation.close()
+        if tx.id is not None and tx.size:
+            self.service.queue.discard(tx.id)
+
+
+async def handle_connection(service: SmtpService, implicit_tls: bool,
+                            stream: trio.SocketStream) -> None:
+    service.counters["connections"] += 1
+    peer = stream.socket.getpeername()[0]
+    await Session(service, stream, peer, implicit_tls=implicit_tls).run()
+
+
+async def serve_smtp(service: SmtpService, listen: Sequence[tuple[str, int]], *,
+                     implicit_tls: bool = False, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Listen on every (host, port); report what was bound; serve until cancelled."""
+    listeners = []
+    for host, port in listen:
+        listeners += await trio.open_tcp_listeners(port, host=host, backlog=1024)
+    bound = [tuple(lst.socket.getsockname()[:2]) for lst in listeners]
+    task_status.started(bound)
+    await trio.serve_listeners(partial(handle_connection, service, implicit_tls), listeners)
+
