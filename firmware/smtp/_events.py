@@ -304,8 +304,8 @@ class Reply(Event):
 
     def __bytes__(self) -> bytes:
         code = str(self.code)
-        last = len(self.lines) - 1
-        return "".join(
-            f"{code}{' ' if i == last else '-'}{line}\r\n"
-            for i, line in enumerate(self.lines)
-        ).encode()
+        out = [f"{code}-{line}\r\n" for line in self.lines[:-1]]
+        last = self.lines[-1]
+        # RFC 5321 4.2: Reply-code [ SP textstring ] CRLF
+        out.append(f"{code} {last}\r\n" if last else f"{code}\r\n")
+        return "".join(out).encode()

@@ -29,7 +29,8 @@ def test_reply_serialization_and_properties():
     assert Reply.of(250, "Ok").enhanced is None
     # class digit of the enhanced code must match the reply
     assert Reply.of(250, "5.0.0 odd").enhanced is None
-    assert bytes(Reply.of(221)) == b"221 \r\n"
+    assert bytes(Reply.of(221)) == b"221\r\n"
+    assert bytes(Reply.of(250, "", "x")) == b"250-\r\n250 x\r\n"
     assert Reply(250, ["a", "b"]).lines == ("a", "b")
 
 
