@@ -19,7 +19,6 @@ from ._events import (
     MailFrom,
     RcptTo,
     Reply,
-    Rset,
     StartTLS,
 )
 from ._readers import (
