@@ -109,7 +109,7 @@ class Session:
         self.stream = stream
         self.peer_ip = normalize_ip(peer_ip)
         self.implicit_tls = implicit_tls
-        self.conn = Connection(SERVER)
+        self.conn = Connection(SERVER, tls=implicit_tls)
         self.out = bytearray()
         self.tx: Transaction | None = None
         self.errors = 0

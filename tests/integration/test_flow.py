@@ -129,6 +129,9 @@ async def test_starttls_and_implicit_tls_verify_the_device_ca(start_gateway, ups
     def implicit():
         with smtplib.SMTP_SSL("127.0.0.1", running.smtps[0][1], context=context,
                               timeout=30) as s:
+            s.ehlo()
+            assert not s.has_extn("starttls")  # already TLS
+            assert s.has_extn("auth")
             s.sendmail("sender@lan.example", ["rcpt@ext.example"], make_message("over smtps"))
 
     await in_thread(starttls)
