@@ -186,6 +186,7 @@ class HoldQueue:
         self._on_change = on_change or (lambda: None)
         self._messages: dict[bytes, Message] = {}
         self._bytes = 0
+        self._held_count = 0  # messages on the page: kept, as the LED asks on every change
         self._reserved_messages = 0
         self._reserved_bytes = 0
         self._timers: list[tuple[float, bytes]] = []
@@ -237,7 +238,7 @@ class HoldQueue:
         return Reservation(self, size_hint)
 
     def held_count(self) -> int:
-        return sum(1 for m in self._messages.values() if m.held and m.state is HELD)
+        return self._held_count
 
     def is_full(self) -> bool:
         u = self.usage()
@@ -320,11 +321,11 @@ class HoldQueue:
         if msg is None:
             return False
         # Taken out of the timers' reach before the await, so a confirmed cancel is never sent.
-        msg.state = CANCELLING
+        self._set_state(msg, CANCELLING)
         try:
             await self._log.commit(Finish(id, "cancelled"))
         except BaseException:
-            msg.state = HELD
+            self._set_state(msg, HELD)
             self._schedule(msg)
             raise
         self._remove(msg)
@@ -431,10 +432,18 @@ class HoldQueue:
     def _add(self, msg: Message) -> None:
         self._messages[msg.id] = msg
         self._bytes += msg.size
+        self._held_count += msg.held and msg.state is HELD
 
     def _remove(self, msg: Message) -> None:
         del self._messages[msg.id]
         self._bytes -= msg.size
+        self._held_count -= msg.held and msg.state is HELD
+
+    def _set_state(self, msg: Message, state: str) -> None:
+        """Every state change of a stored message goes through here, to keep the count."""
+        if msg.held and self._messages.get(msg.id) is msg:
+            self._held_count += (state is HELD) - (msg.state is HELD)
+        msg.state = state
 
     def _schedule(self, msg: Message) -> None:
         heapq.heappush(self._timers, (msg.release_at, msg.id))
@@ -443,12 +452,12 @@ class HoldQueue:
     async def _release(self, msg: Message, why: str) -> None:
         if msg.state is not HELD:
             return
-        msg.state = RELEASING
+        self._set_state(msg, RELEASING)
         now = self._now()
         try:
             await self._log.commit(Update(msg.id, {"released": now, "why": why}))
         except BaseException:
-            msg.state = HELD
+            self._set_state(msg, HELD)
             self._schedule(msg)
             raise
         self._release_now(msg, now)
@@ -457,9 +466,10 @@ class HoldQueue:
         self._on_change()
 
     def _release_now(self, msg: Message, released_at: float) -> None:
-        msg.state = RELEASED
+        self._set_state(msg, RELEASED)
         msg.released_at = released_at
-        pending = tuple(r for r in msg.recipients if r not in set(msg.delivered_to))
+        done = set(msg.delivered_to)
+        pending = tuple(r for r in msg.recipients if r not in done)
         self._to_relay.send_nowait(
             Delivery(msg.id, msg.sender, pending, msg.size, msg.mail_options, released_at))
 

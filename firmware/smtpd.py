@@ -408,5 +408,7 @@ async def serve_smtp(service: SmtpService, listen: Sequence[tuple[str, int]], *,
         listeners += await trio.open_tcp_listeners(port, host=host, backlog=1024)
     bound = [tuple(lst.socket.getsockname()[:2]) for lst in listeners]
     task_status.started(bound)
+    if not listeners:
+        return  # e.g. `listen_tls = []`: this service is off
     await trio.serve_listeners(partial(handle_connection, service, implicit_tls), listeners)
 

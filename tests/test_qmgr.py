@@ -98,11 +98,13 @@ async def test_cancel_send_now_extend(nursery, autojump_clock):
     _, queue = await open_queue(MemoryStore(), nursery)
     a, b, c = await put(queue), await put(queue), await put(queue)
     assert [v.id for v in queue.held_for("::ffff:127.0.0.1")] == [a.id, b.id, c.id]
+    assert queue.held_count() == 3
     assert not await queue.cancel(a.id, "127.0.0.2")  # someone else's
     assert await queue.cancel(a.id, "127.0.0.1")
     assert not await queue.cancel(a.id, "127.0.0.1")  # already gone
     assert await queue.send_now(b.id, "127.0.0.1")
     assert (await next_delivery(queue, 1)).id == b.id
+    assert queue.held_count() == 1
     assert await queue.extend(c.id, "127.0.0.1", 600)
     assert not await queue.extend(c.id, "127.0.0.1", 0)
     start = trio.current_time()
