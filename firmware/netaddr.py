@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from functools import lru_cache
 
 __all__ = ["normalize_ip", "ip_in"]
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+# Every connection and page request asks about its peer: the same few LAN addresses, parsed once.
+@lru_cache(maxsize=4096)
 def _parse(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     text = ip.strip()
     if text.startswith("[") and text.endswith("]"):
@@ -28,6 +31,7 @@ def _parse(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return addr
 
 
+@lru_cache(maxsize=4096)
 def normalize_ip(ip: str) -> str:
     """The canonical spelling of `ip`; raises ValueError when it is not one."""
     return str(_parse(ip))
