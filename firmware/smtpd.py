@@ -104,11 +104,50 @@ class Transaction:
     headers: HeaderCollector | None = None
 
 
+class PlainStream:
+    """A plain TCP connection for the request-reply hot path.
+
+    trio's SocketStream tries each recv before waiting and wraps every call in bookkeeping;
+    an SMTP server almost always reads right after answering, when nothing has arrived yet,
+    so it waits first and then reads with one syscall. STARTTLS wraps the SocketStream itself.
+    """
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.socket_stream = stream
+        self._fd = stream.socket.fileno()
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        while True:
+            await trio.lowlevel.wait_readable(self._fd)
+            try:
+                return os.read(self._fd, max_bytes)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(exc) from exc
+
+    async def send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self._fd, view):]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self._fd)
+            except OSError as exc:
+                raise trio.BrokenResourceError(exc) from exc
+
+    async def aclose(self) -> None:
+        await self.socket_stream.aclose()
+
+
 class Session:
     def __init__(self, service: SmtpService, stream: trio.abc.Stream, peer_ip: str,
                  *, implicit_tls: bool) -> None:
         self.service = service
-        self.stream = stream
+        self.socket_stream = stream
+        self.stream: trio.abc.Stream = (
+            stream if implicit_tls or not isinstance(stream, trio.SocketStream)
+            else PlainStream(stream))
         self.peer_ip = normalize_ip(peer_ip)
         self.implicit_tls = implicit_tls
         self.conn = Connection(SERVER, tls=implicit_tls)
@@ -182,7 +221,8 @@ class Session:
 
     async def _handshake(self) -> bool:
         assert self.service.tls_context is not None
-        self.stream = trio.SSLStream(self.stream, self.service.tls_context, server_side=True)
+        self.stream = trio.SSLStream(self.socket_stream, self.service.tls_context,
+                                     server_side=True)
         with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT):
             await self.stream.do_handshake()
             return True
