@@ -74,7 +74,7 @@ def gateway_config(tmp_path: Path, upstream_port: int | None, extra: str = "",
     return f"""
 data_dir = "{tmp_path / 'data'}"
 [smtp]
-listen = ["127.0.0.1:0"]
+listen = ["127.0.0.1:0", "[::1]:0"]
 listen_tls = ["127.0.0.1:0"]
 {smtp_extra}
 [web]
