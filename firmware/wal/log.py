@@ -10,7 +10,6 @@ a replay would rebuild.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import math
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import trio
 
+from ._files import OS_FILES, OsFiles
 from ._framing import HEADER_SIZE, FrameDecoder, frame_header
 from ._records import Accept, Body, Finish, Record, Update, from_payload
 
@@ -227,14 +227,10 @@ def _seg_name(seq: int) -> str:
     return f"{seq:016x}{SUFFIX}"
 
 
-def _fsync_dir(dir_fd: int) -> None:
-    os.fsync(dir_fd)
-
-
-def _write_all(fd: int, parts: list) -> None:
+def _write_all(files: OsFiles, fd: int, parts: list) -> None:
     i = 0
     while i < len(parts):
-        n = os.writev(fd, parts[i : i + _IOV_MAX])
+        n = files.writev(fd, parts[i : i + _IOV_MAX])
         if n <= 0:
             raise OSError(errno.EIO, "writev wrote nothing")
         while n > 0:
@@ -247,16 +243,18 @@ def _write_all(fd: int, parts: list) -> None:
                 n = 0
 
 
-def _pread_exact(fd: int, length: int, pos: int) -> bytes:
-    data = os.pread(fd, length, pos)
+def _pread_exact(files: OsFiles, fd: int, length: int, pos: int) -> bytes:
+    data = files.pread(fd, length, pos)
     if len(data) != length:
         raise OSError(errno.EIO, f"short read: {len(data)} of {length} bytes at {pos}")
     return data
 
 
 class Log:
-    def __init__(self, directory: Path, segment_bytes: int, max_queued_bytes: int) -> None:
+    def __init__(self, directory: Path, segment_bytes: int, max_queued_bytes: int,
+                 files: OsFiles = OS_FILES) -> None:
         self.directory = directory
+        self._files = files
         self._segment_bytes = segment_bytes
         self._max_queued = max_queued_bytes
         self._segments: dict[int, _Segment] = {}
@@ -291,12 +289,13 @@ class Log:
 
     @classmethod
     async def open(cls, directory: Path, *, segment_bytes: int = SEGMENT_BYTES,
-                   max_queued_bytes: int = MAX_QUEUED_BYTES,
+                   max_queued_bytes: int = MAX_QUEUED_BYTES, files: OsFiles = OS_FILES,
                    ) -> tuple[Log, dict[bytes, Recovered]]:
-        """Replay the segments in ``directory`` (created if missing)."""
+        """Replay the segments in ``directory`` (created if missing). ``files`` is the
+        file layer (tests pass one that injects faults)."""
         if segment_bytes < 4096:
             raise ValueError("segment_bytes must be at least 4096")
-        log = cls(Path(directory), segment_bytes, max_queued_bytes)
+        log = cls(Path(directory), segment_bytes, max_queued_bytes, files)
         try:
             recovered = await trio.to_thread.run_sync(log._open_sync)
         except BaseException:
@@ -305,17 +304,17 @@ class Log:
         return log, recovered
 
     def _open_sync(self) -> dict[bytes, Recovered]:
-        d = self.directory
-        d.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(d / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        d, files = self.directory, self._files
+        files.mkdir(d)
+        self._lock_fd = files.open(d / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            files.lock(self._lock_fd)
         except BlockingIOError:
             raise StoreError(f"{d}: the store is in use by another log") from None
-        self._dir_fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dir_fd = files.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
         seqs = []
-        for p in d.iterdir():
+        for p in map(d.joinpath, files.listdir(d)):
             if p.suffix == SUFFIX:
                 try:
                     seqs.append(int(p.stem, 16))
@@ -340,7 +339,7 @@ class Log:
 
         if seqs:
             active = self._segments[seqs[-1]]
-            self._fd = os.open(active.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            self._fd = files.open(active.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         else:
             active = self._create_segment(1)
             self._segments[1] = active
@@ -350,11 +349,17 @@ class Log:
     def _replay_segment(self, seq: int, last: bool) -> None:
         path = self.directory / _seg_name(seq)
         dec = FrameDecoder()
-        with open(path, "rb") as f:
-            while dec.error is None and (chunk := f.read(REPLAY_CHUNK)):
+        files = self._files
+        fd = files.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pos = 0
+            while dec.error is None and (chunk := files.pread(fd, REPLAY_CHUNK, pos)):
+                pos += len(chunk)
                 dec.feed(chunk)
                 while (frame := dec.next_frame()) is not None:
                     self._replay_frame(path, seq, *frame)
+        finally:
+            files.close(fd)
         good = dec.offset
         if dec.error is not None or dec.pending:
             why = dec.error or f"incomplete frame ({dec.pending} bytes)"
@@ -363,9 +368,12 @@ class Log:
                     f"{path}: corrupt record at byte {good} ({why}) in a segment that is "
                     f"not the last one; refusing to replay past it")
             logger.warning("%s: dropping torn tail at byte %d (%s)", path, good, why)
-            with open(path, "r+b") as f:
-                f.truncate(good)
-                os.fsync(f.fileno())
+            fd = files.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                files.ftruncate(fd, good)
+                files.fsync(fd)
+            finally:
+                files.close(fd)
         self._segments[seq] = _Segment(seq, path, good)
 
     def _replay_frame(self, path: Path, seq: int, pos: int, payload: bytes) -> None:
@@ -397,15 +405,16 @@ class Log:
 
     def _create_segment(self, seq: int) -> _Segment:
         path = self.directory / _seg_name(seq)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
-                     0o600)
+        files = self._files
+        fd = files.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
+                        0o600)
         try:
-            _fsync_dir(self._dir_fd)
+            files.fsync(self._dir_fd)  # the new name is durable before anything is in it
         except BaseException:
-            os.close(fd)
+            files.close(fd)
             raise
         if self._fd >= 0:
-            os.close(self._fd)
+            files.close(self._fd)
         self._fd = fd
         return _Segment(seq, path, 0)
 
@@ -527,7 +536,7 @@ class Log:
         fds: dict[int, int] = {}
         try:
             try:
-                opened = await trio.to_thread.run_sync(_open_all, paths)
+                opened = await trio.to_thread.run_sync(_open_all, self._files, paths)
             finally:
                 for s in seqs:
                     self._pins[s] -= 1
@@ -545,13 +554,13 @@ class Log:
                     pos += n
                     left -= n
                     if size >= READ_CHUNK:
-                        yield await trio.to_thread.run_sync(_read_group, group)
+                        yield await trio.to_thread.run_sync(_read_group, self._files, group)
                         group, size = [], 0
             if group:
-                yield await trio.to_thread.run_sync(_read_group, group)
+                yield await trio.to_thread.run_sync(_read_group, self._files, group)
         finally:
             for fd in fds.values():
-                os.close(fd)
+                self._files.close(fd)
 
     def statistics(self) -> dict:
         live = [m for m in self._msgs.values() if m.accept is not None and not m.finished]
@@ -586,7 +595,7 @@ class Log:
         for name in ("_fd", "_dir_fd", "_lock_fd"):
             fd = getattr(self, name)
             if fd >= 0:
-                os.close(fd)
+                self._files.close(fd)
                 setattr(self, name, -1)
 
     def _fail_queue(self, error: BaseException) -> None:
@@ -703,12 +712,13 @@ class Log:
     def _io_batch(self, items, reads, tail, paths, new_seq, sync):
         """Worker thread: (rotate), read copy sources, writev, fdatasync."""
         active = self._active
+        files = self._files
         new_seg = None
         try:
             if new_seq:
                 if self._dirty:
                     # The old segment must be whole before the next one starts.
-                    os.fdatasync(self._fd)
+                    files.fdatasync(self._fd)
                     self._dirty = False
                 new_seg = self._create_segment(new_seq)
                 active = new_seg
@@ -717,16 +727,16 @@ class Log:
         written: list[_Item] = []
         try:
             if reads:
-                fds = dict(zip(paths, _open_all(list(paths.values()))))
+                fds = dict(zip(paths, _open_all(files, list(paths.values()))))
                 try:
                     for copy, ext, offset in reads:
-                        data = _pread_exact(fds[ext.seq], ext.length, ext.pos)
+                        data = _pread_exact(files, fds[ext.seq], ext.length, ext.pos)
                         written.append(_Item(_BODY, copy.id, Body(copy.id, offset, data)
                                              .to_payload(), offset=offset,
                                              length=ext.length, copy=copy))
                 finally:
                     for fd in fds.values():
-                        os.close(fd)
+                        files.close(fd)
         except OSError as exc:
             raise _IOFailure(exc, False, "cannot read a segment for compaction") from exc
         written.extend(tail)
@@ -741,10 +751,10 @@ class Log:
             parts.append(it.header)
             parts.append(it.payload)
         try:
-            _write_all(self._fd, parts)
+            _write_all(files, self._fd, parts)
         except OSError as exc:
             try:
-                os.ftruncate(self._fd, start)
+                files.ftruncate(self._fd, start)
             except OSError:
                 raise _IOFailure(exc, True, "write failed and could not be undone") from exc
             raise _IOFailure(exc, False, "write failed") from exc
@@ -754,7 +764,7 @@ class Log:
         if sync:
             t0 = time.monotonic()
             try:
-                os.fdatasync(self._fd)
+                files.fdatasync(self._fd)
             except OSError as exc:
                 # After a failed fsync the page cache state is unknown: stop.
                 raise _IOFailure(exc, True, "fdatasync failed") from exc
@@ -868,11 +878,11 @@ class Log:
     def _unlink_sync(self, paths: list[Path]) -> None:
         for p in paths:
             try:
-                os.unlink(p)
+                self._files.unlink(p)
             except FileNotFoundError:
                 pass
         # Durable before anything relies on it (a later unlink of a Finish).
-        _fsync_dir(self._dir_fd)
+        self._files.fsync(self._dir_fd)
 
     def _plan_compaction(self) -> None:
         if self._copies or len(self._segments) < 2:
@@ -890,20 +900,20 @@ class Log:
         self._wake.set()
 
 
-def _open_all(paths: Iterable[Path]) -> list[int]:
+def _open_all(files: OsFiles, paths: Iterable[Path]) -> list[int]:
     fds: list[int] = []
     try:
         for p in paths:
-            fds.append(os.open(p, os.O_RDONLY | os.O_CLOEXEC))
+            fds.append(files.open(p, os.O_RDONLY | os.O_CLOEXEC))
     except BaseException:
         for fd in fds:
-            os.close(fd)
+            files.close(fd)
         raise
     return fds
 
 
-def _read_group(group: list[tuple[int, int, int]]) -> bytes:
+def _read_group(files: OsFiles, group: list[tuple[int, int, int]]) -> bytes:
     """Worker thread: (fd, length, pos) pieces, joined."""
     if len(group) == 1:
-        return _pread_exact(*group[0])
-    return b"".join([_pread_exact(*g) for g in group])
+        return _pread_exact(files, *group[0])
+    return b"".join([_pread_exact(files, *g) for g in group])
