@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from .base import LED_STATES, Board
+from .linux import LinuxBoard
 from .sim import SimBoard
 
-__all__ = ["Board", "SimBoard", "LED_STATES", "open_board", "BOARD_KINDS"]
+__all__ = ["Board", "SimBoard", "LinuxBoard", "LED_STATES", "open_board", "BOARD_KINDS"]
 
-BOARD_KINDS = ("sim",)
+BOARD_KINDS = ("sim", "linux")
 
 
 def open_board(kind: str = "sim", **options: object) -> Board:
     """The board named `kind`; options are passed to its constructor."""
     if kind == "sim":
         return SimBoard(**options)  # type: ignore[arg-type]
-    raise ValueError(f"unknown board {kind!r}: this build has only {', '.join(BOARD_KINDS)}")
+    if kind == "linux":
+        return LinuxBoard(**options)  # type: ignore[arg-type]
+    raise ValueError(f"unknown board {kind!r}: expected one of {', '.join(BOARD_KINDS)}")
