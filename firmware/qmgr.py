@@ -183,7 +183,9 @@ class HoldQueue:
         self.max_bytes = max_bytes
         self._now = now or WallClock()
         self._audit = audit
-        self._on_change = on_change or (lambda: None)
+        self._on_change_hook = on_change or (lambda: None)
+        self._change_version = 0  # bumped on every change the page can see (live updates)
+        self._changed = trio.Event()
         self._messages: dict[bytes, Message] = {}
         self._bytes = 0
         self._held_count = 0  # messages on the page: kept, as the LED asks on every change
@@ -340,6 +342,7 @@ class HoldQueue:
             return False
         await self._release(msg, "send-now")
         self.counters["sent_now"] += 1
+        self._record("send-now", msg)
         return True
 
     async def extend(self, id: bytes, ip: str, seconds: int) -> bool:
@@ -373,6 +376,24 @@ class HoldQueue:
         return {**self.counters, **self.store_status(),
                 "held_now": self.held_count(),
                 "store": self._log.statistics()}
+
+    # -- change notification (the live page) -------------------------------------------------
+
+    @property
+    def change_version(self) -> int:
+        return self._change_version
+
+    async def wait_changed(self, seen: int) -> int:
+        """Wait until something changed after version `seen`; returns the current version."""
+        while self._change_version == seen:
+            await self._changed.wait()
+        return self._change_version
+
+    def _on_change(self) -> None:
+        self._change_version += 1
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+        self._on_change_hook()
 
     # -- delivery's side ----------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import smtplib
 
 import trio
@@ -68,7 +69,8 @@ async def test_cancelled_message_never_arrives(start_gateway, upstream):
     assert running.queue.store_status()["messages"] == 0
 
 
-async def test_send_now_arrives_at_once_and_extend_moves_the_release(start_gateway, upstream):
+async def test_send_now_arrives_at_once_and_extend_moves_the_release(start_gateway, upstream,
+                                                                     tmp_path):
     running = await start_gateway(upstream.port, hold=3600)
     await in_thread(send_mail, running.smtp[0][1], make_message("send me now"))
     await in_thread(send_mail, running.smtp[0][1], make_message("hold me longer"))
@@ -89,6 +91,16 @@ async def test_send_now_arrives_at_once_and_extend_moves_the_release(start_gatew
     await wait_for(lambda: upstream.received())
     assert [b"send me now" in m.content for m in upstream.received()] == [True]
     assert [m["subject"] for m in (await held_list(running))["held"]] == ["hold me longer"]
+
+    # B7: the audit log tells the story of each message, one JSON object a line.
+    sent_id = by_subject["send me now"]["id"]
+    audit = tmp_path / "data" / "audit.jsonl"
+    await wait_for(lambda: '"delivery"' in audit.read_text())
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [e["event"] for e in events if e.get("id") == sent_id] == [
+        "accept", "release", "send-now", "delivery"]
+    assert [e["event"] for e in events if e.get("id") == longer["id"]] == ["accept", "extend"]
+    assert all(e["ip"] == "127.0.0.1" for e in events)
 
 
 async def test_whitelists_and_many_recipients_pass_at_once(start_gateway, upstream):
