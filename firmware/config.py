@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 __all__ = [
     "Config",
+    "BoardConfig",
     "ConfigError",
     "HoldConfig",
     "LOCAL_NETWORKS",
@@ -49,6 +50,7 @@ LOCAL_NETWORKS: tuple[IPv4Network | IPv6Network, ...] = tuple(
 )
 
 ON_BOOT = ("send", "resume")
+BOARD_KINDS = ("sim", "linux")
 UPSTREAM_TLS = ("none", "starttls", "implicit")
 
 
@@ -107,6 +109,27 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class BoardConfig:
+    kind: str = "sim"  # "sim" | "linux"
+    led: str = "matte:status"  # under leds_dir
+    fault_led: str | None = None  # a second LED lit only on fault, if the board has one
+    leds_dir: Path = Path("/sys/class/leds")
+    watchdog: Path | None = Path("/dev/watchdog")  # "" in the file: no watchdog
+    interface: str = "eth0"  # the LAN link, under net_dir
+    net_dir: Path = Path("/sys/class/net")
+    kick_seconds: float = 1.0  # how often the watchdog is kicked while healthy
+    stall_seconds: float = 10.0  # an event loop blocked this long stops the kicks
+    upstream_fault_seconds: float = 300.0  # upstream unreachable this long: LED "fault"
+
+    def options(self) -> dict[str, Any]:
+        """Constructor arguments for board.open_board(kind)."""
+        if self.kind == "sim":
+            return {}
+        return {"led": self.led, "fault_led": self.fault_led, "leds_dir": self.leds_dir,
+                "watchdog": self.watchdog, "interface": self.interface, "net_dir": self.net_dir}
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path = Path("var")
     audit_log: Path | None = None  # None after load(): data_dir/"audit.jsonl"
@@ -115,6 +138,7 @@ class Config:
     whitelist: WhitelistConfig = WhitelistConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     web: WebConfig = WebConfig()
+    board: BoardConfig = BoardConfig()
     source: str = EMBEDDED_SOURCE
 
     def describe(self) -> list[str]:
@@ -140,6 +164,8 @@ class Config:
             ),
             f"whitelist: {len(w.senders)} sender rules, {len(w.recipients)} recipient rules",
             f"upstream: {up}",
+            f"board: {self.board.kind}, watchdog kick every {self.board.kick_seconds} s, "
+            f"stall after {self.board.stall_seconds} s",
             f"web: {_join(self.web.listen)}",
         ]
 
@@ -343,6 +369,27 @@ def _whitelist_rule(value: Any) -> str:
     return rule
 
 
+def _positive_seconds(value: Any) -> float:
+    if type(value) not in (int, float):
+        raise _Bad(f"expected a number of seconds, got {_type_name(value)}")
+    if not 0 < value < 1e9:
+        raise _Bad(f"must be more than 0 seconds, got {value}")
+    return float(value)
+
+
+def _name(value: Any) -> str:
+    """A sysfs entry name (an LED or a network interface): no '/' and not '.' or '..'."""
+    value = _nonempty_string(value)
+    if "/" in value or value in (".", ".."):
+        raise _Bad(f"expected a name, not a path: {value!r}")
+    return value
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The empty string turns the setting off (None)."""
+    return lambda value: None if value == "" else check(value)
+
+
 def _path(value: Any) -> Path:
     value = _string(value)
     if not value.strip() or "\x00" in value:
@@ -372,6 +419,21 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
             "max_bytes": _positive_int,
             "max_recipients": _positive_int,
             "on_boot": _choice(ON_BOOT),
+        },
+    ),
+    "board": (
+        BoardConfig,
+        {
+            "kind": _choice(BOARD_KINDS),
+            "led": _name,
+            "fault_led": _optional(_name),
+            "leds_dir": _path,
+            "watchdog": _optional(_path),
+            "interface": _name,
+            "net_dir": _path,
+            "kick_seconds": _positive_seconds,
+            "stall_seconds": _positive_seconds,
+            "upstream_fault_seconds": _positive_seconds,
         },
     ),
     "whitelist": (
@@ -449,6 +511,10 @@ def from_dict(data: dict, *, source: str, base_dir: Path) -> Config:
     hold = sections.get("hold", HoldConfig())
     whitelist = sections.get("whitelist", WhitelistConfig())
     web = sections.get("web", WebConfig())
+    board = sections.get("board", BoardConfig())
+    if board.kick_seconds >= board.stall_seconds:
+        raise ConfigError(source, "board.kick_seconds", f"must be less than board.stall_seconds "
+                          f"({board.stall_seconds}), or a healthy gateway would look stalled")
     up = sections.get("upstream", UpstreamConfig())
     up_given = given.get("upstream", set())
 
@@ -489,6 +555,7 @@ def from_dict(data: dict, *, source: str, base_dir: Path) -> Config:
         whitelist=whitelist,
         upstream=up,
         web=web,
+        board=board,
         source=source,
     )
 
