@@ -291,3 +291,51 @@ def test_collector_matches_whole_parse(data, cuts):
         pos += cut
     collector.feed(data[pos:])
     assert summarize(collector.header_bytes()) == summarize(data)
+
+
+# --- fast paths agree with the general ones -----------------------------------------------
+
+from firmware.summary import _WANTED_FIRST, _fields, _mailboxes, _parsed_mailboxes  # noqa: E402
+
+ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
+SIMPLE_ADDRESS = st.builds(
+    lambda local, domain: f"{local}@{domain}",
+    st.lists(st.text(ATEXT, min_size=1, max_size=6), min_size=1, max_size=3).map(".".join),
+    st.lists(st.text("abz09-", min_size=1, max_size=6), min_size=1, max_size=3).map(".".join),
+)
+SIMPLE_ITEM = st.builds(
+    lambda left, addr, bracket, right: f"{left}<{addr}>{right}" if bracket else f"{left}{addr}{right}",
+    st.sampled_from(["", " ", "\t", "  "]), SIMPLE_ADDRESS, st.booleans(),
+    st.sampled_from(["", " ", "\t"]),
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(SIMPLE_ITEM, min_size=1, max_size=4).map(",".join))
+def test_simple_address_lists_take_the_fast_path_and_agree(raw):
+    from firmware.summary import _SIMPLE_LIST
+    assert _SIMPLE_LIST.fullmatch(raw)
+    assert _mailboxes(raw) == _parsed_mailboxes(raw)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.one_of(SIMPLE_ITEM, st.sampled_from(
+    ['"A, B" <a@b.example>', "(c) x@y.example", "a@", "@b", "<a@b", "a..b@c", "a@b..c", " ",
+     "Name <n@m.example>", "=?utf-8?q?x?= <e@f.example>", "a@[1.2.3.4]", "x@y.example."])),
+    min_size=1, max_size=4).map(",".join))
+def test_address_lists_agree_with_the_general_parser(raw):
+    assert _mailboxes(raw) == _parsed_mailboxes(raw)
+
+
+@settings(max_examples=300)
+@given(HEADERISH)
+def test_wanted_field_filter_keeps_every_wanted_field(data):
+    wanted = [(n, v) for n, v in _fields(data) if n[0].encode() in {b"f", b"t", b"c", b"s"}]
+    assert _fields(data, _WANTED_FIRST) == wanted
+
+
+def test_mail_without_a_blank_line_reads_only_the_wanted_fields():
+    header = (b"From: <a@lan.example>\r\nTo: <b@ext.example>\r\nDate: Fri, 4 Dec 2026\r\n"
+              + b"".join(b"%dXXXX\r\n" % i for i in range(50)))
+    assert summarize(header) == {"from": "a@lan.example", "to": ["b@ext.example"], "cc": [],
+                                 "subject": ""}

@@ -247,6 +247,8 @@ class Reply(Event):
 
     code: int
     lines: tuple[str, ...] = field(default=("",))
+    # The wire form, made once: most replies are constants sent again and again.
+    _wire: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if type(self.code) is not int or not 200 <= self.code <= 599:
@@ -303,9 +305,13 @@ class Reply(Event):
         return self.code >= 400
 
     def __bytes__(self) -> bytes:
+        if self._wire is not None:
+            return self._wire
         code = str(self.code)
         out = [f"{code}-{line}\r\n" for line in self.lines[:-1]]
         last = self.lines[-1]
         # RFC 5321 4.2: Reply-code [ SP textstring ] CRLF
         out.append(f"{code} {last}\r\n" if last else f"{code}\r\n")
-        return "".join(out).encode()
+        wire = "".join(out).encode()
+        object.__setattr__(self, "_wire", wire)
+        return wire
