@@ -468,7 +468,10 @@ class HoldQueue:
 
     def _schedule(self, msg: Message) -> None:
         heapq.heappush(self._timers, (msg.release_at, msg.id))
-        self._wakeup.set()
+        if self._timers[0][0] >= msg.release_at:
+            # Only a new earliest release changes when the timer task must wake: waking it
+            # for every accepted message costs a task switch each.
+            self._wakeup.set()
 
     async def _release(self, msg: Message, why: str) -> None:
         if msg.state is not HELD:

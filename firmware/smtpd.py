@@ -13,7 +13,7 @@ import math
 import os
 import ssl
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from typing import Awaitable, Callable, Sequence
 
 import trio
@@ -72,6 +72,10 @@ BAD_MECHANISM = Reply.of(
     504, "5.5.4 Unsupported authentication mechanism: use PLAIN or LOGIN "
     "(challenge-response mechanisms cannot be relayed upstream)")
 BAD_AUTH_DATA = Reply.of(501, "5.5.2 Cannot decode the authentication data")
+# Replies sent for every message, built (and encoded) once.
+SENDER_OK = Reply.of(250, "2.1.0 Sender ok")
+RECIPIENT_OK = Reply.of(250, "2.1.5 Recipient ok")
+START_DATA = Reply.of(354, "End data with <CR><LF>.<CR><LF>")
 
 
 @dataclass
@@ -102,6 +106,12 @@ class Transaction:
     too_big: bool = False
     store_failed: bool = False
     headers: HeaderCollector | None = None
+
+
+@lru_cache(maxsize=64)
+def _hello_reply(*lines: str) -> Reply:
+    """The same few HELO/EHLO replies for every session: built and encoded once each."""
+    return Reply.of(250, *lines)
 
 
 class PlainStream:
@@ -135,6 +145,9 @@ class PlainStream:
                 await trio.lowlevel.wait_writable(self._fd)
             except OSError as exc:
                 raise trio.BrokenResourceError(exc) from exc
+
+    def close(self) -> None:
+        self.socket_stream.socket.close()
 
     async def aclose(self) -> None:
         await self.socket_stream.aclose()
@@ -175,8 +188,11 @@ class Session:
             log.debug("connection from %s lost: %s", self.peer_ip, exc)
         finally:
             await self._abort_transaction()
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await self.stream.aclose()
+            if isinstance(self.stream, PlainStream):
+                self.stream.close()  # a plain socket closes at once: no scope, no checkpoint
+            else:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await self.stream.aclose()
 
     async def _serve(self) -> None:
         # One scope for the whole session: its deadline is armed only while waiting for the
@@ -288,14 +304,14 @@ class Session:
     def _hello(self, event: Hello) -> Reply:
         name = self.service.hostname
         if event.verb == "HELO":
-            return Reply.of(250, name)
+            return _hello_reply(name)
         lines = [name, "PIPELINING", f"SIZE {self.service.max_message_size}", "8BITMIME",
                  "SMTPUTF8", "ENHANCEDSTATUSCODES"]
         if self.service.tls_context is not None and not self.conn.tls:
             lines.append("STARTTLS")
         if self._auth_offered():
             lines.append("AUTH " + " ".join(AUTH_MECHANISMS))
-        return Reply.of(250, *lines)
+        return _hello_reply(*lines)
 
     def _mail(self, event: MailFrom) -> Reply:
         refusal = policy.check_size(event.size, self.service.max_message_size)
@@ -310,7 +326,7 @@ class Session:
         if event.smtputf8:
             options["smtputf8"] = True
         self.tx = Transaction(event.sender, options, reservation)
-        return Reply.of(250, "2.1.0 Sender ok")
+        return SENDER_OK
 
     def _rcpt(self, event: RcptTo) -> Reply:
         assert self.tx is not None
@@ -320,13 +336,13 @@ class Session:
         if usage.bytes > usage.max_bytes:
             return policy.STORE_FULL
         self.tx.recipients.append(event.recipient)
-        return Reply.of(250, "2.1.5 Recipient ok")
+        return RECIPIENT_OK
 
     def _data(self) -> Reply:
         assert self.tx is not None
         self.tx.id = os.urandom(16)
         self.tx.headers = HeaderCollector()
-        return Reply.of(354, "End data with <CR><LF>.<CR><LF>")
+        return START_DATA
 
     async def _data_chunk(self, data: bytes) -> None:
         tx = self.tx
