@@ -23,6 +23,7 @@ from firmware.config import Config, parse_listen
 from firmware.qmgr import HoldQueue, WallClock
 from firmware.relay import Relay, Upstream, check_credentials
 from firmware.smtpd import SmtpService, serve_smtp
+from firmware.supervisor import Supervisor
 from firmware.wal import Log
 from firmware.web import serve_web
 
@@ -38,6 +39,7 @@ class Running:
     web: list[tuple[str, int]]
     queue: HoldQueue
     ca_file: Path
+    supervisor: Supervisor | None = None
 
 
 def run(config: Config) -> None:
@@ -70,35 +72,39 @@ def _certificate_names(config: Config) -> list[str]:
 async def serve(config: Config, *, the_board=None, task_status=trio.TASK_STATUS_IGNORED) -> None:
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    hw = the_board or board.open_board("sim")
-    hw.set_led("booting")
+    hw = the_board or board.open_board(config.board.kind, **config.board.options())
+    b = config.board
+    supervisor = Supervisor(hw, kick_seconds=b.kick_seconds, stall_seconds=b.stall_seconds,
+                            upstream_fault_seconds=b.upstream_fault_seconds)
+    supervisor.show()  # "booting"
     device = await trio.to_thread.run_sync(tls.ensure_device_certificates, data_dir,
                                            _certificate_names(config))
     server_tls = tls.server_context(device)
     with AuditLog(config.audit_log or data_dir / "audit.jsonl") as audit:
         store, recovered = await Log.open(data_dir / "store")
         try:
-            await _serve(config, hw, audit, store, recovered, server_tls, device, task_status)
+            await _serve(config, supervisor, audit, store, recovered, server_tls, device,
+                         task_status)
         finally:
             with trio.CancelScope(shield=True):
                 await store.aclose()
+    if the_board is None:
+        hw.close()  # a clean stop disarms the watchdog; an error leaves it armed (reboot)
 
 
-async def _serve(config, hw, audit, store, recovered, server_tls, device, task_status) -> None:
+async def _serve(config, supervisor, audit, store, recovered, server_tls, device,
+                 task_status) -> None:
     data_dir = Path(config.data_dir)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_sigterm, nursery.cancel_scope)
-        await nursery.start(store.run)
-
-        queue: HoldQueue  # the LED follows the queue (S10: "queue full")
-        def show_state() -> None:
-            hw.set_led("queue-full" if queue.is_full()
-                       else "holding" if queue.held_count() else "ready")
+        await nursery.start(supervisor.run)
+        await nursery.start(supervisor.supervise, "store", store.run)
 
         now = WallClock()
         queue = HoldQueue(store, hold_seconds=config.hold.seconds,
                           max_messages=config.hold.max_messages, max_bytes=config.hold.max_bytes,
-                          now=now, audit=audit, on_change=show_state)
+                          now=now, audit=audit, on_change=supervisor.show)
+        supervisor.watch(queue=queue, store=store)  # the LED follows them (S10: "queue full")
         queue.recover(recovered, config.hold.on_boot)
 
         up = config.upstream
@@ -109,8 +115,8 @@ async def _serve(config, hw, audit, store, recovered, server_tls, device, task_s
                                 up.helo or config.smtp.hostname)
         relay = Relay(queue, upstream=upstream, outbox=None if upstream else up.outbox,
                       retry_seconds=up.retry_seconds, now=now)
-        await nursery.start(relay.run)
-        await nursery.start(queue.run)
+        await nursery.start(supervisor.supervise, "relay", relay.run)
+        await nursery.start(supervisor.supervise, "queue", queue.run)
 
         s = config.smtp
         service = SmtpService(
@@ -119,18 +125,21 @@ async def _serve(config, hw, audit, store, recovered, server_tls, device, task_s
             plain_auth_networks=s.plain_auth_networks,
             sender_rules=config.whitelist.senders, recipient_rules=config.whitelist.recipients,
             tls_context=server_tls, authenticate=partial(check_credentials, upstream))
-        smtp = await nursery.start(partial(serve_smtp, service, [parse_listen(a) for a in s.listen]))
-        smtps = await nursery.start(partial(serve_smtp, service,
-                                            [parse_listen(a) for a in s.listen_tls],
-                                            implicit_tls=True))
+        # A listener with no addresses is off (it would return at once: no service to watch).
+        smtp = await nursery.start(supervisor.supervise, "smtp", partial(
+            serve_smtp, service, [parse_listen(a) for a in s.listen])) if s.listen else []
+        smtps = await nursery.start(supervisor.supervise, "smtps", partial(
+            serve_smtp, service, [parse_listen(a) for a in s.listen_tls],
+            implicit_tls=True)) if s.listen_tls else []
         secret = await trio.to_thread.run_sync(_secret, data_dir / "web.key")
-        web = await nursery.start(partial(serve_web, [parse_listen(a) for a in config.web.listen],
-                                          queue, secret))
-        show_state()
+        web = await nursery.start(supervisor.supervise, "web", partial(
+            serve_web, [parse_listen(a) for a in config.web.listen], queue, secret))
+        supervisor.ready()
         log.info("ready: smtp %s, smtps %s, web %s, data %s, upstream %s",
                  _addrs(smtp), _addrs(smtps), _addrs(web), data_dir,
                  f"{up.host}:{up.port} ({up.tls})" if upstream else f"outbox {up.outbox}")
-        task_status.started(Running(smtp, smtps, web, queue, device.ca_cert))
+        task_status.started(Running(smtp, smtps, web, queue, device.ca_cert,
+                                    supervisor=supervisor))
 
 
 def _addrs(bound) -> str:
