@@ -80,6 +80,8 @@ class _Message:
         "finished", "finish_seg", "all_segs",
         # as queued (checked when callers enqueue)
         "queued_len", "accept_queued", "finishing", "failed",
+        # replay only: updates still expected after a compaction copy's Accept
+        "copy_skip", "copy_segs",
     )
 
     def __init__(self, id: bytes) -> None:
@@ -100,6 +102,8 @@ class _Message:
         self.accept_queued = False
         self.finishing = False
         self.failed = False
+        self.copy_skip = 0
+        self.copy_segs: set[int] = set()
 
     # Replay and the writer share these transitions, so a replay rebuilds
     # exactly the state the writer had.
@@ -392,14 +396,32 @@ class Log:
             frame_len = HEADER_SIZE + len(payload)
             m.add_body(rec.offset, _Extent(seq, pos + frame_len - len(rec.data),
                                            len(rec.data), frame_len))
+        elif type(rec) is Accept and m.accept is not None:
+            # A compaction copy (an id is accepted once). Its copied updates follow it,
+            # possibly torn off by a crash: keep the updates already known and skip
+            # their copies; the older records stay needed until every copy is seen.
+            if m.pending_len == rec.size:
+                m.set_body(m.pending)
+            m.pending, m.pending_len, m.pending_segs = [], 0, set()
+            m.copy_skip = len(m.updates)
+            m.copy_segs = {seq}
+            m.rec_segs.add(seq)
+            if not m.copy_skip:
+                m.rec_segs = m.copy_segs
         elif type(rec) is Accept:
             if not m.add_accept(rec, seq):
                 logger.warning("%s: byte %d: Accept of %s does not match its body (%d != %d);"
                                " ignored", path, pos, rec.id.hex(), rec.size, m.pending_len)
         elif type(rec) is Update:
             if m.accept is not None:
-                m.updates.append(rec)
                 m.rec_segs.add(seq)
+                if m.copy_skip:
+                    m.copy_skip -= 1
+                    m.copy_segs.add(seq)
+                    if not m.copy_skip:
+                        m.rec_segs = m.copy_segs
+                else:
+                    m.updates.append(rec)
         else:
             m.add_finish(seq)
 

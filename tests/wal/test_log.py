@@ -476,3 +476,30 @@ async def test_rotation_syncs_directory_and_old_segment(tmp_path, monkeypatch):
         ("fsync", str(tmp_path)),
         ("fdatasync", str(tmp_path / "0000000000000002.wal")),
     ]
+
+
+async def test_compaction_copy_torn_after_its_accept_keeps_the_updates(tmp_path):
+    # Found by the crash tests: a crash tore a compaction batch after the copied Accept,
+    # before the copied updates; the copy must not replace the updates already on disk,
+    # and the older segment holding them must stay.
+    a = new_id()
+    u1, u2 = Update(a, {"n": 1}), Update(a, {"n": 2})
+    (tmp_path / "0000000000000001.wal").write_bytes(b"".join(encode_frame(r.to_payload()) for r in [
+        Body(a, 0, b"original"), Accept(a, 8, {}), u1, u2]))
+    (tmp_path / "0000000000000002.wal").write_bytes(b"".join(encode_frame(r.to_payload()) for r in [
+        Body(a, 0, b"original"), Accept(a, 8, {}), u1]))  # u2's copy torn off
+    for _ in range(2):
+        async with running(tmp_path, segment_bytes=4096) as (log, recovered):
+            assert recovered[a].updates == [u1, u2]
+            assert await read_all(log, a) == b"original"
+            await trio.sleep(0.05)  # the writer's first maintenance pass has run
+        assert segment_files(tmp_path)[:2] == ["0000000000000001.wal", "0000000000000002.wal"]
+    # A whole copy makes the older records unnecessary.
+    with open(tmp_path / "0000000000000002.wal", "ab") as f:
+        f.write(encode_frame(u2.to_payload()))
+    async with running(tmp_path, segment_bytes=4096) as (log, recovered):
+        assert recovered[a].updates == [u1, u2]
+        await wait_until(lambda: "0000000000000001.wal" not in segment_files(tmp_path))
+    async with running(tmp_path, segment_bytes=4096) as (log, recovered):
+        assert recovered[a].updates == [u1, u2]
+        assert await read_all(log, a) == b"original"
