@@ -10,7 +10,7 @@ import logging
 import os
 import secrets
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from firmware.relay import Relay, Upstream, check_credentials
 from firmware.smtpd import SmtpService, serve_smtp
 from firmware.supervisor import Supervisor
 from firmware.wal import Log
-from firmware.web import serve_web
+from firmware.web import WebApp, serve_web
 
 log = logging.getLogger("matte")
 
@@ -39,6 +39,7 @@ class Running:
     web: list[tuple[str, int]]
     queue: HoldQueue
     ca_file: Path
+    web_tls: list[tuple[str, int]] = field(default_factory=list)
     supervisor: Supervisor | None = None
 
 
@@ -62,11 +63,12 @@ def _secret(path: Path) -> bytes:
 
 def _certificate_names(config: Config) -> list[str]:
     names = [config.smtp.hostname]
-    for entry in (*config.smtp.listen, *config.smtp.listen_tls, *config.web.listen):
+    for entry in (*config.smtp.listen, *config.smtp.listen_tls, *config.web.listen,
+                  *config.web.listen_tls):
         host, _port = parse_listen(entry)
         if host not in names:
             names.append(host)
-    return names
+    return names + [n for n in config.web.names if n not in names]
 
 
 async def serve(config: Config, *, the_board=None, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -132,13 +134,18 @@ async def _serve(config, supervisor, audit, store, recovered, server_tls, device
             serve_smtp, service, [parse_listen(a) for a in s.listen_tls],
             implicit_tls=True)) if s.listen_tls else []
         secret = await trio.to_thread.run_sync(_secret, data_dir / "web.key")
+        ca_pem = await trio.to_thread.run_sync(device.ca_cert.read_bytes)
+        webapp = WebApp(queue, secret, ca_pem=ca_pem, names=_certificate_names(config))
         web = await nursery.start(supervisor.supervise, "web", partial(
-            serve_web, [parse_listen(a) for a in config.web.listen], queue, secret))
+            serve_web, [parse_listen(a) for a in config.web.listen], webapp))
+        web_tls = await nursery.start(supervisor.supervise, "web-tls", partial(
+            serve_web, [parse_listen(a) for a in config.web.listen_tls], webapp,
+            tls_context=server_tls)) if config.web.listen_tls else []
         supervisor.ready()
         log.info("ready: smtp %s, smtps %s, web %s, data %s, upstream %s",
                  _addrs(smtp), _addrs(smtps), _addrs(web), data_dir,
                  f"{up.host}:{up.port} ({up.tls})" if upstream else f"outbox {up.outbox}")
-        task_status.started(Running(smtp, smtps, web, queue, device.ca_cert,
+        task_status.started(Running(smtp, smtps, web, queue, device.ca_cert, web_tls,
                                     supervisor=supervisor))
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from typing import Any
 
 from .context import (
     ACTIONS,
@@ -17,10 +19,11 @@ from .context import (
     held_to_json,
     parse_id,
     perform,
+    perform_all,
 )
 from .http import Request, Response
 
-__all__ = ["handle_api", "TOKEN_HEADER"]
+__all__ = ["handle_api", "held_snapshot", "TOKEN_HEADER"]
 
 TOKEN_HEADER = "X-Matte-Token"
 _ACTION_PATH = re.compile(r"/api/held/([^/]+)/([a-z]+)")
@@ -40,19 +43,33 @@ async def handle_api(ctx: WebContext, request: Request) -> Response:
     if match and match[2] in ACTIONS:
         if request.method != "POST":
             return _not_allowed("POST")
+        if match[1] == "all" and match[2] != "extend":
+            return await _action_all(ctx, request, match[2])
         return await _action(ctx, request, match[1], match[2])
     return _error(404, "not found")
 
 
+def held_snapshot(ctx: WebContext, ip: str) -> dict[str, Any]:
+    """The caller's list as the page shows it (also what the live connection sends)."""
+    return {
+        "token": ctx.token_for(ip),
+        "held": [held_to_json(item) for item in ctx.queue.held_for(ip)],
+        "store": ctx.queue.store_status(),
+        "now": time.time(),  # lets the page's countdowns ignore the browser's clock error
+    }
+
+
 def list_held(ctx: WebContext, ip: str) -> Response:
-    held = ctx.queue.held_for(ip)
-    return Response.json(
-        {
-            "token": ctx.token_for(ip),
-            "held": [held_to_json(item) for item in held],
-            "store": ctx.queue.store_status(),
-        }
-    )
+    return Response.json(held_snapshot(ctx, ip))
+
+
+async def _action_all(ctx: WebContext, request: Request, action: str) -> Response:
+    ip = request.client_ip
+    if not ctx.token_ok(ip, request.header(TOKEN_HEADER)):
+        ctx.count("token_refused")
+        return _error(403, "missing or wrong token")
+    done = await perform_all(ctx, action, ip)
+    return Response.json({"ok": True, "count": done})
 
 
 async def _action(ctx: WebContext, request: Request, id_text: str, action: str) -> Response:

@@ -34,6 +34,9 @@ class HoldQueueLike(Protocol):
     async def extend(self, id: bytes, ip: str, seconds: int) -> bool: ...
     def store_status(self) -> dict[str, Any]: ...
     def statistics(self) -> dict[str, Any]: ...
+    @property
+    def change_version(self) -> int: ...
+    async def wait_changed(self, seen: int) -> int: ...
 
 
 def token_for(secret: bytes, ip: str) -> str:
@@ -47,6 +50,7 @@ class WebContext:
     queue: HoldQueueLike
     secret: bytes
     counters: dict[str, int] = field(default_factory=dict)
+    ca_pem: bytes | None = None  # the device CA, offered for download (S3)
 
     def token_for(self, ip: str) -> str:
         return token_for(self.secret, ip)
@@ -88,15 +92,31 @@ async def perform(ctx: WebContext, action: str, id: bytes, ip: str, seconds: int
     return bool(done)
 
 
+async def perform_all(ctx: WebContext, action: str, ip: str) -> int:
+    """Cancel or send every message the caller has held; how many it was."""
+    done = 0
+    for item in ctx.queue.held_for(ip):
+        done += await perform(ctx, action, item.id, ip)
+    return done
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """Lone surrogates (undecodable bytes) become U+FFFD: they cannot be sent as UTF-8."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def held_to_json(item: Any) -> dict[str, Any]:
     return {
         "id": item.id.hex(),
-        "sender": item.sender,
-        "from": item.from_,
-        "to": list(item.to),
-        "cc": list(item.cc),
+        "sender": clean_text(item.sender),
+        "from": clean_text(item.from_),
+        "to": [clean_text(a) for a in item.to],
+        "cc": [clean_text(a) for a in item.cc],
         "bcc_count": item.bcc_count,
-        "subject": item.subject,
+        "subject": clean_text(item.subject),
         "size": item.size,
         "received_at": item.received_at,
         "release_at": item.release_at,

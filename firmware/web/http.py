@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import h11
@@ -28,6 +28,7 @@ __all__ = [
     "MAX_BODY_BYTES",
     "REQUEST_DEADLINE",
     "SECURITY_HEADERS",
+    "ReplayStream",
 ]
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,11 @@ _LINGER_SECONDS = 1.0  # after an error answer, how long to drain what the clien
 _LINGER_BYTES = 256 * 1024
 
 SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
-    ("Content-Security-Policy", "default-src 'self'; frame-ancestors 'none'"),
+    # No inline script or style anywhere; live updates connect back to the same host.
+    ("Content-Security-Policy",
+     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+     "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
+    ("X-Frame-Options", "DENY"),
     ("X-Content-Type-Options", "nosniff"),
     ("Cache-Control", "no-store"),
     ("Referrer-Policy", "no-referrer"),
@@ -57,6 +62,8 @@ _REASONS = {
     408: b"Request Timeout",
     413: b"Content Too Large",
     415: b"Unsupported Media Type",
+    421: b"Misdirected Request",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     501: b"Not Implemented",
@@ -72,6 +79,8 @@ class Request:
     headers: tuple[tuple[str, str], ...]  # names lower-cased, in order
     body: bytes
     client_ip: str  # the socket's peer, normalised; never from a header
+    local_ip: str = ""  # the address the client reached us on, normalised
+    scheme: str = "http"  # "https" on a TLS listener
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -87,6 +96,9 @@ class Response:
     body: bytes = b""
     content_type: str | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
+    # Set to take the connection over after this request (WebSocket): called with a stream
+    # that replays the request's bytes first, instead of writing this response.
+    upgrade: Callable[[trio.abc.Stream], Awaitable[None]] | None = None
 
     @classmethod
     def json(cls, obj: Any, status: int = 200) -> Response:
@@ -131,16 +143,24 @@ def peer_ip(stream: trio.abc.Stream) -> str:
     return normalize_ip(inner.socket.getpeername()[0])
 
 
-async def serve_connection(stream: trio.abc.Stream, handler: Handler, client_ip: str) -> None:
+async def serve_connection(
+    stream: trio.abc.Stream,
+    handler: Handler,
+    client_ip: str,
+    local_ip: str = "",
+    scheme: str = "http",
+) -> None:
     """Serve requests on `stream` until either side closes; closes `stream`."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
     try:
         while True:
             request: Request | None = None
             reject: _Reject | None = None
+            # The bytes of this request as read, for a handler that takes the connection over.
+            raw = bytearray(conn.trailing_data[0])
             with trio.move_on_after(REQUEST_DEADLINE) as deadline:
                 try:
-                    request = await _receive_request(stream, conn, client_ip)
+                    request = await _receive_request(stream, conn, client_ip, raw)
                 except _Reject as exc:
                     reject = exc
             if deadline.cancelled_caught:
@@ -153,11 +173,15 @@ async def serve_connection(stream: trio.abc.Stream, handler: Handler, client_ip:
                 return
             if request is None:
                 return
+            request = replace(request, local_ip=local_ip, scheme=scheme)
             try:
                 response = await handler(request)
             except Exception:
                 log.exception("web: handler failed for %s %s", request.method, request.path)
                 response = Response.error(500)
+            if response.upgrade is not None:
+                await response.upgrade(ReplayStream(stream, bytes(raw)))
+                return
             with trio.move_on_after(REQUEST_DEADLINE) as deadline:
                 await _send_response(stream, conn, response, head=request.method == "HEAD")
             if deadline.cancelled_caught or conn.our_state is not h11.DONE:
@@ -177,7 +201,44 @@ async def serve_connection(stream: trio.abc.Stream, handler: Handler, client_ip:
             await stream.aclose()
 
 
-async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
+class ReplayStream(trio.abc.Stream):
+    """A stream that first gives back bytes already read from `inner`, then reads on.
+
+    The WebSocket library parses the upgrade request itself: it gets the request's bytes again
+    from here, on the same connection, so the page and its live updates share one port.
+    """
+
+    def __init__(self, inner: trio.abc.Stream, replay: bytes) -> None:
+        self.inner = inner
+        self._replay = bytearray(replay)
+        self._closed = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        if self._replay:
+            size = len(self._replay) if max_bytes is None else max_bytes
+            data = bytes(self._replay[:size])
+            del self._replay[:size]
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._replay.clear()
+        await self.inner.aclose()
+
+
+async def _next_event(
+    stream: trio.abc.Stream, conn: h11.Connection, raw: bytearray | None = None
+) -> Any:
     while True:
         try:
             event = conn.next_event()
@@ -187,13 +248,15 @@ async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
         if event is not h11.NEED_DATA:
             return event
         data = await stream.receive_some(_RECEIVE_SIZE)
+        if raw is not None:
+            raw += data
         conn.receive_data(data)
 
 
 async def _receive_request(
-    stream: trio.abc.Stream, conn: h11.Connection, client_ip: str
+    stream: trio.abc.Stream, conn: h11.Connection, client_ip: str, raw: bytearray | None = None
 ) -> Request | None:
-    event = await _next_event(stream, conn)
+    event = await _next_event(stream, conn, raw)
     if isinstance(event, h11.ConnectionClosed):
         return None
     assert isinstance(event, h11.Request), event
@@ -211,7 +274,7 @@ async def _receive_request(
     # No "100 Continue" is sent: a waiting client sends its body after a pause anyway.
     body = bytearray()
     while True:
-        event = await _next_event(stream, conn)
+        event = await _next_event(stream, conn, raw)
         if isinstance(event, h11.Data):
             body += event.data
             if len(body) > MAX_BODY_BYTES:

@@ -11,7 +11,7 @@ import h11
 import pytest
 import trio
 
-from firmware.web import serve_web
+from firmware.web import WebApp, serve_web
 
 SECRET = b"test secret, not for production"
 
@@ -41,6 +41,8 @@ class FakeQueue:
     max_messages: int = 500
     max_bytes: int = 200 * 1024 * 1024
     fail: bool = False
+    version: int = 0
+    changed: trio.Event = field(default_factory=trio.Event)
 
     def add(self, client_ip: str, subject: str = "Quarterly report", **kw) -> Held:
         now = kw.pop("received_at", 1_700_000_000.0 + len(self.items))
@@ -103,6 +105,21 @@ class FakeQueue:
     def statistics(self) -> dict:
         return dict(self.stats)
 
+    @property
+    def change_version(self) -> int:
+        return self.version
+
+    async def wait_changed(self, seen: int) -> int:
+        while self.version == seen:
+            await self.changed.wait()
+        return self.version
+
+    def notify(self) -> None:
+        """What the real queue does after every change."""
+        self.version += 1
+        self.changed.set()
+        self.changed = trio.Event()
+
 
 @dataclass
 class Reply:
@@ -151,8 +168,9 @@ async def send_request(
     headers: dict[str, str] | None = None,
     body: bytes = b"",
 ) -> None:
-    hdrs = [("Host", "matte.test")]
-    hdrs += list((headers or {}).items())
+    hdrs = list((headers or {}).items())
+    if not any(k.lower() == "host" for k, _ in hdrs):
+        hdrs.insert(0, ("Host", "matte.test"))
     if body or method == "POST":
         hdrs.append(("Content-Length", str(len(body))))
     data = conn.send(h11.Request(method=method, target=path, headers=hdrs))
@@ -191,6 +209,11 @@ async def raw_exchange(port: int, data: bytes, *, source: str = "127.0.0.1") -> 
     return bytes(got)
 
 
+def make_app(queue, **kwargs) -> WebApp:
+    kwargs.setdefault("names", ("matte.test",))
+    return WebApp(queue, SECRET, **kwargs)
+
+
 @pytest.fixture
 def queue() -> FakeQueue:
     return FakeQueue()
@@ -198,6 +221,6 @@ def queue() -> FakeQueue:
 
 @pytest.fixture
 async def port(nursery, queue) -> int:
-    bound = await nursery.start(serve_web, [("127.0.0.1", 0)], queue, SECRET)
+    bound = await nursery.start(serve_web, [("127.0.0.1", 0)], make_app(queue))
     assert len(bound) == 1 and bound[0][0] == "127.0.0.1"
     return bound[0][1]

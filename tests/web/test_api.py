@@ -156,9 +156,14 @@ async def test_unknown_paths_and_methods(port, method, path, status):
 
 
 async def test_security_headers_on_every_answer(port):
-    for method, path in (("GET", "/api/held"), ("GET", "/nowhere"), ("POST", "/api/held"), ("GET", "/mail")):
+    for method, path in (("GET", "/api/held"), ("GET", "/nowhere"), ("POST", "/api/held"),
+                         ("GET", "/mail"), ("GET", "/metrics"), ("GET", "/static/mail.js")):
         reply = await request(port, method, path)
-        assert reply.headers["content-security-policy"] == "default-src 'self'; frame-ancestors 'none'"
+        csp = dict(d.strip().split(" ", 1) for d in reply.headers["content-security-policy"].split(";"))
+        assert csp["default-src"] == "'none'"
+        assert csp["script-src"] == "'self'"  # no 'unsafe-inline': inline script never runs
+        assert csp["frame-ancestors"] == "'none'"
+        assert reply.headers["x-frame-options"] == "DENY"
         assert reply.headers["x-content-type-options"] == "nosniff"
         assert reply.headers["cache-control"] == "no-store"
 

@@ -1,21 +1,52 @@
 import re
 import time
 import urllib.parse
+from html.parser import HTMLParser
+
+import pytest
 
 from firmware.web import token_for
-from firmware.web.pages import render_mail_page
+from firmware.web.pages import choose_language, render_mail_page
+from firmware.web.http import Request
 
 from .conftest import SECRET, request
 
 A, B = "127.0.0.1", "127.0.0.2"
-HOSTILE_SUBJECT = '<script>alert("x")</script> & <b>bold</b>'
-HOSTILE_FROM = '"><img src=x onerror=alert(1)>'
+HOSTILE_SUBJECTS = [
+    '<script>alert("x")</script> & <b>bold</b>',
+    '"><img src=x onerror=alert(1)>',
+    "<a href=\"javascript:alert(1)\">click</a>",
+    "javascript:alert(1)",
+    "</li></ul><form action=//evil><button>",
+    "invoice\u202egpj.exe",
+    "nul\x00byte",
+    "bad utf-8 \udcff\udcfe",
+    "<svg/onload=alert(1)>",
+    "<!-- comment --><style>*{display:none}</style>",
+]
 
 
-def _form(token: str) -> dict:
+class Elements(HTMLParser):
+    """The elements a browser would create from the page, with their attributes."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def elements(page: str) -> list[tuple[str, dict]]:
+    parser = Elements()
+    parser.feed(page)
+    return parser.tags
+
+
+def _form(token: str, **extra) -> dict:
     return {
         "headers": {"Content-Type": "application/x-www-form-urlencoded"},
-        "body": urllib.parse.urlencode({"token": token}).encode(),
+        "body": urllib.parse.urlencode({"token": token, **extra}).encode(),
     }
 
 
@@ -33,105 +64,186 @@ async def test_page_lists_only_callers_mail(port, queue):
     assert "Theirs from B" in page and "Mine from A" not in page
 
 
-async def test_page_escapes_everything_from_mail(port, queue):
-    queue.add(A, HOSTILE_SUBJECT, from_=HOSTILE_FROM, to=("<x@y>",), cc=('"q" <c@d>',))
+@pytest.mark.parametrize("subject", HOSTILE_SUBJECTS)
+async def test_hostile_strings_render_inert(port, queue, subject):
+    queue.add(A, subject, from_=subject, to=(subject, "x@y"), cc=(subject,))
     reply = await request(port, "GET", "/mail")
     assert reply.status == 200
-    assert reply.headers["content-type"] == "text/html; charset=utf-8"
     page = reply.text
-    assert "<script" not in page and "<img" not in page and "<b>bold" not in page
-    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in page
-    assert "&quot;&gt;&lt;img src=x onerror=alert(1)&gt;" in page
-    assert "&lt;x@y&gt;" in page
+    tags = elements(page)
+    # Exactly the page's own elements: the hostile text created none.
+    assert [t for t, _ in tags if t in ("script", "img", "svg", "b", "style", "a", "form")] == [
+        "script", "a", "form", "form", "form", "form", "form", "a", "a"]
+    assert [a.get("src") for t, a in tags if t == "script"] == ["/static/mail.js"]
+    assert not any(k.startswith("on") for _, attrs in tags for k in attrs)
+    assert not any("javascript:" in (v or "") for _, attrs in tags for v in attrs.values())
+    assert "\u202e" not in page and "\x00" not in page
+    if "\u202e" in subject:
+        assert "invoice\\u202Egpj.exe" in page
 
 
-async def test_page_shows_release_time_and_forms(port, queue):
+async def test_page_shows_fields_countdown_and_forms(port, queue):
     now = time.time()
-    held = queue.add(A, "Report", received_at=now, release_at=now + 250)
-    page = (await request(port, "GET", "/mail")).text
-    expected = time.strftime("%H:%M:%S", time.localtime(held.release_at))
-    assert f"releases at <time>{expected}</time>" in page
-    assert re.search(r"あと 4:(0\d|1\d) ", page)
+    held = queue.add(A, "Report", received_at=now, release_at=now + 250, bcc_count=2,
+                     cc=("c@example.org",), size=3 * 1024 * 1024)
+    page = (await request(port, "GET", "/mail", headers={"Accept-Language": "en"})).text
+    assert re.search(r"4:(0\d|1\d) left", page)
+    assert time.strftime("%H:%M:%S", time.localtime(held.release_at)) in page
+    assert "3.0 MB" in page and "2 recipient(s)" in page and "c@example.org" in page
     token = token_for(SECRET, A)
     for action in ("cancel", "send", "extend"):
         assert f'<form method="post" action="/mail/{held.id.hex()}/{action}">' in page
-    assert page.count(f'<input type="hidden" name="token" value="{token}">') == 3
-    assert "<table>" in page and "件名" in page and "Subject" in page
+    for action in ("cancel", "send"):
+        assert f'<form method="post" action="/mail/all/{action}">' in page
+    assert page.count(f'<input type="hidden" name="token" value="{token}">') == 5
+    assert "body" not in page.lower().split("<body>")[1].replace("</body>", "")  # never a body
+
+
+async def test_long_recipient_lists_are_folded_with_a_count(port, queue):
+    to = tuple(f"r{i}@example.com" for i in range(12))
+    queue.add(A, "many", to=to)
+    page = (await request(port, "GET", "/mail", headers={"Accept-Language": "en"})).text
+    assert "(12)" in page and "<summary>9 more</summary>" in page
+    first, folded = page.split("<details>")
+    assert "r2@example.com" in first and "r3@example.com" not in first
+    assert "r11@example.com" in folded
 
 
 async def test_empty_page_and_store_line(port, queue):
-    page = (await request(port, "GET", "/mail")).text
-    assert "No held mail." in page and "<table>" not in page
-    assert "0 / 500" in page
+    page = (await request(port, "GET", "/mail", headers={"Accept-Language": "en"})).text
+    assert "No held mail." in page
+    assert "Store: 0 / 500 messages, 0 B / 200.0 MB" in page
 
 
-async def test_page_needs_no_script_and_links_stylesheet(port, queue):
-    queue.add(A)
+@pytest.mark.parametrize("header, lang", [
+    ("en-US,en;q=0.9", "en"), ("ja,en;q=0.5", "ja"), ("fr, en;q=0.3, ja;q=0.2", "en"),
+    ("", "ja"), ("de", "ja"), ("en;q=bad, ja;q=0.1", "ja"),
+])
+def test_language_from_accept_language(header, lang):
+    req = Request("GET", "/mail", "", (("accept-language", header),), b"", A)
+    assert choose_language(req) == (lang, False)
+
+
+async def test_language_switch_is_remembered(port):
+    reply = await request(port, "GET", "/mail?lang=en", headers={"Accept-Language": "ja"})
+    assert '<html lang="en">' in reply.text and "Held mail" in reply.text
+    assert '<a href="/mail?lang=ja" lang="ja" hreflang="ja">日本語</a>' in reply.text
+    cookie = reply.headers["set-cookie"].split(";")[0]
+    assert cookie == "matte_lang=en"
+    again = await request(port, "GET", "/mail", headers={"Accept-Language": "ja", "Cookie": cookie})
+    assert '<html lang="en">' in again.text
+    ja = await request(port, "GET", "/mail", headers={"Accept-Language": "ja"})
+    assert '<html lang="ja">' in ja.text and "保留中のメール" in ja.text
+    assert "set-cookie" not in ja.headers
+
+
+async def test_page_has_no_inline_script_and_works_without_it(port, queue):
+    queue.add(A, "x")
     page = (await request(port, "GET", "/mail")).text
-    assert "<script" not in page and "style=" not in page and "<style" not in page
-    assert '<link rel="stylesheet" href="/static/mail.css">' in page
+    tags = elements(page)
+    scripts = [a for t, a in tags if t == "script"]
+    assert scripts == [{"src": "/static/mail.js", "defer": None}]
+    assert re.search(r"<script[^>]*>\s*</script>", page)  # empty: nothing inline
+    assert '<noscript><meta http-equiv="refresh"' in page
     css = await request(port, "GET", "/static/mail.css")
+    js = await request(port, "GET", "/static/mail.js")
     assert css.status == 200 and css.headers["content-type"].startswith("text/css")
-    assert b"table" in css.body
+    assert js.status == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert b"textContent" in js.body and b"innerHTML" not in js.body
 
 
 async def test_form_cancel_redirects(port, queue):
-    held = queue.add(A)
+    held = queue.add(A, "x")
     reply = await request(port, "POST", f"/mail/{held.id.hex()}/cancel", **_form(token_for(SECRET, A)))
     assert reply.status == 303 and reply.headers["location"] == "/mail?done=cancelled"
     assert held.id not in queue.items
-    page = (await request(port, "GET", "/mail?done=cancelled")).text
-    assert "Cancelled" in page
+    page = (await request(port, "GET", "/mail?done=cancelled", headers={"Accept-Language": "en"})).text
+    assert "Cancelled: it will not be sent." in page
 
 
 async def test_form_send_and_extend(port, queue):
-    one, two = queue.add(A), queue.add(A)
-    form = _form(token_for(SECRET, A))
-    reply = await request(port, "POST", f"/mail/{one.id.hex()}/send", **form)
-    assert reply.headers["location"] == "/mail?done=sent"
-    reply = await request(port, "POST", f"/mail/{two.id.hex()}/extend", **form)
+    a, b = queue.add(A, "a"), queue.add(A, "b")
+    token = token_for(SECRET, A)
+    reply = await request(port, "POST", f"/mail/{a.id.hex()}/send", **_form(token))
+    assert reply.headers["location"] == "/mail?done=sent" and a.id not in queue.items
+    before = queue.items[b.id].release_at
+    reply = await request(port, "POST", f"/mail/{b.id.hex()}/extend", **_form(token))
     assert reply.headers["location"] == "/mail?done=extended"
-    assert queue.calls == [("send_now", one.id, A), ("extend", two.id, A, 300)]
+    assert queue.items[b.id].release_at == before + 300
+
+
+async def test_form_cancel_all_and_send_all_only_touch_callers_mail(port, queue):
+    mine = [queue.add(A, f"m{i}") for i in range(3)]
+    theirs = queue.add(B, "theirs")
+    token = token_for(SECRET, A)
+    reply = await request(port, "POST", "/mail/all/cancel", **_form(token))
+    assert reply.headers["location"] == "/mail?done=all_cancelled&n=3"
+    assert list(queue.items) == [theirs.id]
+    assert all(m.id not in queue.items for m in mine)
+    page = (await request(port, "GET", reply.headers["location"], headers={"Accept-Language": "en"})).text
+    assert "Cancelled 3 message(s)." in page
+    again = queue.add(A, "later")
+    reply = await request(port, "POST", "/mail/all/send", **_form(token))
+    assert reply.headers["location"] == "/mail?done=all_sent&n=1"
+    assert again.id not in queue.items and theirs.id in queue.items
 
 
 async def test_form_bad_token_is_403_and_no_change(port, queue):
-    held = queue.add(A)
-    for form in (_form(""), _form(token_for(SECRET, B)), {"body": b""}):
-        reply = await request(port, "POST", f"/mail/{held.id.hex()}/cancel", **form)
-        assert reply.status == 403
-        assert "<form" not in reply.text
-    assert queue.calls == [] and held.id in queue.items
+    held = queue.add(A, "x")
+    for token in ("", "0" * 32, token_for(SECRET, B)):
+        for path in (f"/mail/{held.id.hex()}/cancel", "/mail/all/cancel"):
+            reply = await request(port, "POST", path, **_form(token))
+            assert reply.status == 403
+    assert held.id in queue.items and queue.calls == []
 
 
 async def test_form_others_message_untouched(port, queue):
-    theirs = queue.add(B)
+    theirs = queue.add(B, "x")
     reply = await request(port, "POST", f"/mail/{theirs.id.hex()}/cancel", **_form(token_for(SECRET, A)))
-    assert reply.status == 303 and reply.headers["location"] == "/mail?done=gone"
+    assert reply.headers["location"] == "/mail?done=gone"
     assert theirs.id in queue.items
 
 
 async def test_notice_is_not_reflected(port):
-    page = (await request(port, "GET", "/mail?done=%3Cscript%3E")).text
-    assert "script" not in page
+    page = (await request(port, "GET", "/mail?done=%3Cscript%3Ex&n=%3Cb%3E")).text
+    assert "<script>x" not in page and "&lt;script" not in page and "<b>" not in page
 
 
 async def test_get_on_form_action_is_405(port, queue):
-    held = queue.add(A)
+    held = queue.add(A, "x")
     reply = await request(port, "GET", f"/mail/{held.id.hex()}/cancel")
     assert reply.status == 405 and reply.headers["allow"] == "POST"
-    assert held.id in queue.items
-
-
-def test_render_truncates_long_recipient_lists(queue):
-    held = queue.add(A, to=tuple(f"r{i}@example.com" for i in range(10)), bcc_count=4)
-    page = render_mail_page([held], ip=A, token="t", store={}, now=held.received_at)
-    assert "r2@example.com" in page and "r3@example.com" not in page
-    assert "+7 more" in page
-    assert "Bcc</span> 4" in page
+    assert held.id in queue.items and queue.calls == []
 
 
 def test_render_overdue_and_blank_fields(queue):
     held = queue.add(A, "", from_="", sender="")
-    page = render_mail_page([held], ip=A, token="t", store={}, now=held.release_at + 5)
-    assert "sending" in page
-    assert "no subject" in page
+    page = render_mail_page([held], ip=A, token="t", store={}, now=held.release_at + 5, lang="en")
+    assert "sending…" in page and "(no subject)" in page
+
+
+async def test_ca_page_and_download(nursery, queue, tmp_path):
+    from firmware import tls
+    from firmware.web import serve_web
+
+    from .conftest import make_app
+
+    device = tls.ensure_device_certificates(tmp_path, ["matte.test"])
+    pem = device.ca_cert.read_bytes()
+    bound = await nursery.start(serve_web, [("127.0.0.1", 0)], make_app(queue, ca_pem=pem))
+    port = bound[0][1]
+    page = await request(port, "GET", "/mail/ca", headers={"Accept-Language": "en"})
+    for words in ("Windows", "macOS", "Thunderbird", 'href="/ca.crt"', 'href="/ca.pem"'):
+        assert words in page.text
+    ja = await request(port, "GET", "/mail/ca", headers={"Accept-Language": "ja"})
+    assert "信頼されたルート証明機関" in ja.text
+    got = await request(port, "GET", "/ca.pem")
+    assert got.body == pem and "attachment" in got.headers["content-disposition"]
+    der = await request(port, "GET", "/ca.crt")
+    import ssl
+    import hashlib
+    assert der.body == ssl.PEM_cert_to_DER_cert(pem.decode())
+    fingerprint = hashlib.sha256(der.body).hexdigest().upper()
+    assert ":".join(fingerprint[i:i + 2] for i in range(0, 64, 2)) in page.text
+    assert (await request(port, "POST", "/ca.pem")).status == 405
+    assert (await request(port, "GET", "/mail")).text.count('href="/mail/ca"') == 1
