@@ -21,7 +21,9 @@ from firmware import tls
 from firmware.audit import AuditLog
 from firmware.config import Config, parse_listen
 from firmware.qmgr import HoldQueue, WallClock
-from firmware.relay import Relay, Upstream, check_credentials
+from firmware.credentials import Vault
+from firmware.relay import Relay, check_credentials
+from firmware.routes import Route, Router, original_destination
 from firmware.smtpd import SmtpService, serve_smtp
 from firmware.supervisor import Supervisor
 from firmware.wal import Log
@@ -85,8 +87,8 @@ async def serve(config: Config, *, the_board=None, task_status=trio.TASK_STATUS_
     with AuditLog(config.audit_log or data_dir / "audit.jsonl") as audit:
         store, recovered = await Log.open(data_dir / "store")
         try:
-            await _serve(config, supervisor, audit, store, recovered, server_tls, device,
-                         task_status)
+            await _serve(config, supervisor, audit, store, recovered, server_tls, device, task_status,
+                         nic_online=hw.nic_online)
         finally:
             with trio.CancelScope(shield=True):
                 await store.aclose()
@@ -94,8 +96,8 @@ async def serve(config: Config, *, the_board=None, task_status=trio.TASK_STATUS_
         hw.close()  # a clean stop disarms the watchdog; an error leaves it armed (reboot)
 
 
-async def _serve(config, supervisor, audit, store, recovered, server_tls, device,
-                 task_status) -> None:
+async def _serve(config, supervisor, audit, store, recovered, server_tls, device, task_status,
+                 *, nic_online) -> None:
     data_dir = Path(config.data_dir)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_sigterm, nursery.cancel_scope)
@@ -110,13 +112,13 @@ async def _serve(config, supervisor, audit, store, recovered, server_tls, device
         queue.recover(recovered, config.hold.on_boot)
 
         up = config.upstream
-        upstream = None
-        if up.host is not None:
-            client_tls = tls.client_context(up.ca_file) if up.tls != "none" else None
-            upstream = Upstream(up.host, up.port, up.tls, up.username, up.password, client_tls,
-                                up.helo or config.smtp.hostname)
-        relay = Relay(queue, upstream=upstream, outbox=None if upstream else up.outbox,
-                      retry_seconds=up.retry_seconds, now=now)
+        router = _router(config)
+        upstream = router.default
+        vault = await trio.to_thread.run_sync(Vault.load_or_create, data_dir / "credentials.key")
+        relay = Relay(queue, router=router, outbox=None if upstream else up.outbox,
+                      retry_seconds=up.retry_seconds, now=now, vault=vault,
+                      online=nic_online, hostname=config.smtp.hostname)
+        relay.connect = supervisor.watch_connect(relay.connect)  # upstream down: LED "fault"
         await nursery.start(supervisor.supervise, "relay", relay.run)
         await nursery.start(supervisor.supervise, "queue", queue.run)
 
@@ -126,7 +128,10 @@ async def _serve(config, supervisor, audit, store, recovered, server_tls, device
             max_recipients=config.hold.max_recipients, allowed_networks=s.allowed_networks,
             plain_auth_networks=s.plain_auth_networks,
             sender_rules=config.whitelist.senders, recipient_rules=config.whitelist.recipients,
-            tls_context=server_tls, authenticate=partial(check_credentials, upstream))
+            tls_context=server_tls,
+            authenticate=lambda user, password, route: check_credentials(route, user, password),
+            route_of=router.route, seal=vault.seal,
+            original_destination=original_destination if router.transparent else None)
         # A listener with no addresses is off (it would return at once: no service to watch).
         smtp = await nursery.start(supervisor.supervise, "smtp", partial(
             serve_smtp, service, [parse_listen(a) for a in s.listen])) if s.listen else []
@@ -144,9 +149,34 @@ async def _serve(config, supervisor, audit, store, recovered, server_tls, device
         supervisor.ready()
         log.info("ready: smtp %s, smtps %s, web %s, data %s, upstream %s",
                  _addrs(smtp), _addrs(smtps), _addrs(web), data_dir,
-                 f"{up.host}:{up.port} ({up.tls})" if upstream else f"outbox {up.outbox}")
+                 ("transparent, else " if router.transparent else "")
+                 + (f"{up.host}:{up.port} ({up.tls})" if upstream
+                    else f"outbox {up.outbox}" if up.outbox else "none")
+                 + (f", {len(router.by_domain)} route(s)" if router.by_domain else ""))
         task_status.started(Running(smtp, smtps, web, queue, device.ca_cert, web_tls,
                                     supervisor=supervisor))
+
+
+def _router(config: Config) -> Router:
+    """Where released mail goes (B10): the default smarthost, routes per sender domain, or the
+    original destination of each intercepted connection."""
+    up, helo = config.upstream, config.upstream.helo or config.smtp.hostname
+    contexts: dict = {}
+
+    def context(mode: str):
+        if mode == "none":
+            return None
+        if "ctx" not in contexts:  # one context for every route: the same CAs
+            contexts["ctx"] = tls.client_context(up.ca_file)
+        return contexts["ctx"]
+
+    default = None
+    if up.host is not None:
+        default = Route(up.host, up.port, up.tls, helo, context(up.tls), up.username, up.password)
+    routes = {domain: Route(r.host, r.port, r.tls, helo, context(r.tls), r.username, r.password)
+              for domain, r in config.routes.items()}
+    return Router(default=default, by_domain=routes, transparent=up.mode == "transparent",
+                  tls_context_for=lambda: context("starttls"), helo=helo)
 
 
 def _addrs(bound) -> str:

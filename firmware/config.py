@@ -23,6 +23,7 @@ __all__ = [
     "HoldConfig",
     "LOCAL_NETWORKS",
     "SmtpConfig",
+    "RouteConfig",
     "UpstreamConfig",
     "WebConfig",
     "WhitelistConfig",
@@ -52,6 +53,7 @@ LOCAL_NETWORKS: tuple[IPv4Network | IPv6Network, ...] = tuple(
 ON_BOOT = ("send", "resume")
 BOARD_KINDS = ("sim", "linux")
 UPSTREAM_TLS = ("none", "starttls", "implicit")
+UPSTREAM_MODES = ("explicit", "transparent")
 
 
 class ConfigError(Exception):
@@ -101,13 +103,23 @@ class UpstreamConfig:
     outbox: Path | None = None
     ca_file: Path | None = None
     helo: str | None = None  # after load(): smtp.hostname unless set
+    mode: str = "explicit"  # "explicit" (smarthost and routes) | "transparent" (B10)
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """A smarthost for the senders of one domain (explicit mode, B10)."""
+
+    host: str
+    port: int = 25
+    tls: str = "none"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
 class WebConfig:
     listen: tuple[str, ...] = ("127.0.0.1:8080",)
-    listen_tls: tuple[str, ...] = ()  # HTTPS with the device certificate
-    names: tuple[str, ...] = ()  # host names the page answers to, besides smtp.hostname
 
 
 @dataclass(frozen=True)
@@ -141,6 +153,8 @@ class Config:
     upstream: UpstreamConfig = UpstreamConfig()
     web: WebConfig = WebConfig()
     board: BoardConfig = BoardConfig()
+    # Sender domain ("example.com", or ".example.com" for its subdomains) -> its smarthost.
+    routes: dict[str, RouteConfig] = field(default_factory=dict)
     source: str = EMBEDDED_SOURCE
 
     def describe(self) -> list[str]:
@@ -169,7 +183,6 @@ class Config:
             f"board: {self.board.kind}, watchdog kick every {self.board.kick_seconds} s, "
             f"stall after {self.board.stall_seconds} s",
             f"web: {_join(self.web.listen)}",
-            f"web (HTTPS): {_join(self.web.listen_tls)}",
         ]
 
 
@@ -455,10 +468,10 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
             "outbox": _path,
             "ca_file": _path,
             "helo": _hostname,
+            "mode": _choice(UPSTREAM_MODES),
         },
     ),
-    "web": (WebConfig, {"listen": _list_of(_listen, allow_empty=False),
-                        "listen_tls": _list_of(_listen), "names": _list_of(_host)}),
+    "web": (WebConfig, {"listen": _list_of(_listen, allow_empty=False)}),
 }
 
 _TOP: dict[str, Callable[[Any], Any]] = {"data_dir": _path, "audit_log": _path}
@@ -486,6 +499,45 @@ def _read_section(source: str, name: str, table: Any) -> tuple[Any, set[str]]:
     return cls(**values), set(values)
 
 
+_ROUTE_KEYS: dict[str, Callable[[Any], Any]] = {
+    "host": _host, "port": _port, "tls": _choice(UPSTREAM_TLS),
+    "username": _nonempty_string, "password": _string,
+}
+
+
+def _read_routes(source: str, table: Any) -> dict[str, RouteConfig]:
+    """[routes."example.com"] host = ..., port = ..., tls = ... (B10)."""
+    if not isinstance(table, dict):
+        raise ConfigError(source, "routes", f"expected a table ([routes.\"example.com\"]), "
+                          f"got {_type_name(table)}")
+    routes = {}
+    for domain, entry in table.items():
+        where = f"routes.{domain}"
+        bare = domain[1:] if domain.startswith(".") else domain
+        if not _is_hostname(bare) or "." not in bare:
+            raise ConfigError(source, where, "expected a sender domain (example.com) or "
+                              f".domain (its subdomains), got {domain!r}")
+        if not isinstance(entry, dict):
+            raise ConfigError(source, where, f"expected a table, got {_type_name(entry)}")
+        values = {}
+        for key, raw in entry.items():
+            if key not in _ROUTE_KEYS:
+                raise _unknown(source, f"{where}.{key}", _ROUTE_KEYS)
+            try:
+                values[key] = _ROUTE_KEYS[key](raw)
+            except _Bad as e:
+                raise ConfigError(source, f"{where}.{key}", e.problem) from None
+        if "host" not in values:
+            raise ConfigError(source, f"{where}.host", "every route needs a host")
+        if ("username" in values) != ("password" in values):
+            raise ConfigError(source, f"{where}.password", "set both username and password, "
+                              "or neither")
+        if values.get("tls") == "implicit" and "port" not in values:
+            values["port"] = 465  # SMTPS (RFC 8314)
+        routes[domain.lower()] = RouteConfig(**values)
+    return routes
+
+
 def _resolve(base: Path, p: Path | None) -> Path | None:
     if p is None:
         return None
@@ -500,13 +552,15 @@ def from_dict(data: dict, *, source: str, base_dir: Path) -> Config:
     for key, raw in data.items():
         if key in _SECTIONS:
             sections[key], given[key] = _read_section(source, key, raw)
+        elif key == "routes":
+            sections[key] = _read_routes(source, raw)
         elif key in _TOP:
             try:
                 top[key] = _TOP[key](raw)
             except _Bad as e:
                 raise ConfigError(source, key, e.problem) from None
         else:
-            raise _unknown(source, key, [*_TOP, *_SECTIONS])
+            raise _unknown(source, key, [*_TOP, *_SECTIONS, "routes"])
 
     base_dir = base_dir.absolute()
     data_dir = _resolve(base_dir, top.get("data_dir", Config.data_dir))
@@ -535,15 +589,28 @@ def from_dict(data: dict, *, source: str, base_dir: Path) -> Config:
         raise ConfigError(source, "upstream.username", "upstream.password is set but "
                           "upstream.username is not")
     if up.host is None:
+        # Transparent mode verifies and greets each original destination with these two.
+        meaningful = ("ca_file", "helo") if up.mode == "transparent" else ()
         for key in ("port", "tls", "username", "ca_file", "helo"):
-            if key in up_given:
+            if key in up_given and key not in meaningful:
                 raise ConfigError(source, f"upstream.{key}", "only means something with "
                                   "upstream.host (no upstream server is set)")
+    routes = sections.get("routes", {})
+    if up.mode == "transparent":
+        if up.outbox is not None:
+            raise ConfigError(source, "upstream.outbox", "transparent mode delivers to each "
+                              "connection's original destination; it has no outbox")
+        if routes:
+            raise ConfigError(source, "routes", "routes per sender domain are for "
+                              'upstream.mode = "explicit"')
+    elif routes and up.host is None:
+        raise ConfigError(source, "upstream.host", "routes are set, so a default smarthost "
+                          "(upstream.host) is needed for the other senders")
     changes: dict[str, Any] = {
         "outbox": _resolve(base_dir, up.outbox),
         "ca_file": _resolve(base_dir, up.ca_file),
     }
-    if up.host is None and up.outbox is None:
+    if up.host is None and up.outbox is None and up.mode == "explicit":
         changes["outbox"] = data_dir / "outbox"
     if up.helo is None:
         changes["helo"] = smtp.hostname
@@ -560,6 +627,7 @@ def from_dict(data: dict, *, source: str, base_dir: Path) -> Config:
         upstream=up,
         web=web,
         board=board,
+        routes=routes,
         source=source,
     )
 
@@ -598,4 +666,5 @@ def known_keys() -> dict[str, tuple[str, ...]]:
     out = {"": tuple(_TOP)}
     for name, (cls, checks) in _SECTIONS.items():
         out[name] = tuple(checks)
+    out["routes"] = tuple(_ROUTE_KEYS)  # the keys of each [routes."domain"] table
     return out

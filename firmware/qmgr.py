@@ -73,6 +73,10 @@ class Message:
     state: str = HELD
     released_at: float | None = None
     delivered_to: tuple[str, ...] = ()
+    # Delivery's part (issue: AUTH passthrough, routes, bounces): opaque to the queue.
+    credentials: dict | None = None  # sealed by firmware.credentials, never plaintext
+    destination: tuple | None = None  # transparent mode: (host, port, tls) intercepted
+    failed: dict = field(default_factory=dict)  # recipient -> [code, text], for the bounce
 
     def meta(self) -> dict:
         return {
@@ -84,6 +88,8 @@ class Message:
             "rel": self.release_at,
             "held": self.held,
             "opt": self.mail_options,
+            **({"cred": self.credentials} if self.credentials else {}),
+            **({"dst": list(self.destination)} if self.destination else {}),
         }
 
     @classmethod
@@ -99,6 +105,8 @@ class Message:
             release_at=meta["rel"],
             held=meta["held"],
             mail_options=meta.get("opt", {}),
+            credentials=meta.get("cred"),
+            destination=tuple(meta["dst"]) if meta.get("dst") else None,
         )
         if "released" in meta:
             msg.apply({"released": meta["released"]})
@@ -112,6 +120,8 @@ class Message:
             self.released_at = changes["released"]
         if "delivered" in changes:
             self.delivered_to = self.delivered_to + tuple(changes["delivered"])
+        if "failed" in changes:
+            self.failed = {**self.failed, **changes["failed"]}
 
     def view(self) -> HeldView:
         s = self.summary
@@ -143,6 +153,10 @@ class Delivery:
     size: int
     mail_options: dict
     released_at: float
+    credentials: dict | None = None
+    destination: tuple | None = None
+    failed: dict = field(default_factory=dict)  # recipient -> [code, text] so far
+    received_at: float = 0.0
 
 
 class Reservation:
@@ -270,6 +284,8 @@ class HoldQueue:
         size: int,
         hold: bool,
         mail_options: dict,
+        credentials: dict | None = None,
+        destination: tuple | None = None,
     ) -> Message:
         """Make a received message durable (the caller answers 250 only after this returns)."""
         now = self._now()
@@ -284,6 +300,8 @@ class HoldQueue:
             release_at=now + self.hold_seconds if hold else now,
             held=hold,
             mail_options=mail_options,
+            credentials=credentials,
+            destination=destination,
         )
         meta = msg.meta()
         if not hold:
@@ -412,8 +430,19 @@ class HoldQueue:
         await self._log.commit(Update(id, {"delivered": list(recipients)}))
         msg.apply({"delivered": list(recipients)})
 
+    async def failed(self, id: bytes, failures: dict[str, list]) -> None:
+        """Some recipients failed for good (recipient -> [code, text]); kept for the bounce,
+        so a restart neither retries them nor forgets to bounce them."""
+        msg = self._messages.get(id)
+        if msg is None or not failures:
+            return
+        await self._log.commit(Update(id, {"failed": failures}))
+        msg.apply({"failed": failures})
+
     async def finish(self, id: bytes, outcome: str, **details) -> None:
-        """Delivery is over ("delivered", or "failed" after the retry window or a 5xx)."""
+        """Delivery is over: "delivered", "bounced" (a bounce went to the sender) or "failed"
+        (no bounce: a null sender, or the bounce itself failed). The Finish record is also the
+        end of the message's sealed credentials (B9): the log drops them with the message."""
         msg = self._messages.get(id)
         if msg is None:
             return
@@ -421,7 +450,8 @@ class HoldQueue:
         if self._messages.get(id) is msg:
             self._remove(msg)
         self.counters["delivered" if outcome == "delivered" else "failed"] += 1
-        self._record("delivery" if outcome == "delivered" else "undeliverable", msg, **details)
+        self._record({"delivered": "delivery", "bounced": "bounce"}.get(outcome, "undeliverable"),
+                     msg, **details)
         self._on_change()
 
     def note_deferred(self, id: bytes, reason: str) -> None:
@@ -492,10 +522,11 @@ class HoldQueue:
     def _release_now(self, msg: Message, released_at: float) -> None:
         self._set_state(msg, RELEASED)
         msg.released_at = released_at
-        done = set(msg.delivered_to)
+        done = set(msg.delivered_to) | set(msg.failed)
         pending = tuple(r for r in msg.recipients if r not in done)
         self._to_relay.send_nowait(
-            Delivery(msg.id, msg.sender, pending, msg.size, msg.mail_options, released_at))
+            Delivery(msg.id, msg.sender, pending, msg.size, msg.mail_options, released_at,
+                     msg.credentials, msg.destination, dict(msg.failed), msg.received_at))
 
     def _record(self, event: str, msg: Message, **fields) -> None:
         if self._audit is not None:

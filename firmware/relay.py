@@ -1,8 +1,11 @@
 """Delivery of released mail: upstream over SMTP (the sans-IO client) or into an outbox directory.
 
-Each released message is tried at once; recipients that get a temporary failure are retried with
-backoff and jitter until `retry_seconds` have passed since the release (S11). Recipients already
-delivered are recorded, so neither a retry nor a restart sends to them twice.
+Each released message is tried at once, through the route for its sender (B10) and with its
+client's own credentials when it came with AUTH (S4, B9). Results are per recipient: delivered
+ones are recorded, so neither a retry nor a restart sends to them twice; 5xx ones are recorded as
+failed at once; 4xx ones are retried with backoff and jitter until `retry_seconds` have passed
+since the release, then fail. When no recipient is left, the failed ones get one bounce (S11),
+never for a null sender; bounces wait while the gateway is offline.
 """
 
 from __future__ import annotations
@@ -14,15 +17,19 @@ import random
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 
+from firmware import dsn
+from firmware.credentials import CredentialsError, Vault
 from firmware.qmgr import Delivery, HoldQueue
+from firmware.routes import Route, Router
 from firmware.smtp import (
     CLIENT,
     NEED_DATA,
     Auth,
+    AuthResponse,
     Connection,
     ConnectionClosed,
     Data,
@@ -46,22 +53,31 @@ REPLY_TIMEOUT = 300.0
 DATA_END_TIMEOUT = 600.0
 FIRST_RETRY = 30.0
 MAX_RETRY_INTERVAL = 300.0
+OFFLINE_POLL = 10.0  # how often a waiting bounce looks whether the gateway is back online
 WORKERS = 8
+HEADERS_READ = dsn.MAX_ORIGINAL_HEADERS + 4  # what of a body is read for its bounce
+
+Connect = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
 
 class UpstreamError(Exception):
     """The upstream could not be reached or broke the protocol: a temporary failure."""
 
 
-@dataclass(frozen=True)
-class Upstream:
-    host: str
-    port: int
-    tls: str  # "none" | "starttls" | "implicit"
-    username: str | None
-    password: str | None
-    tls_context: ssl.SSLContext | None
-    helo: str
+class Unreachable(UpstreamError):
+    """No connection to the upstream at all: the gateway is offline as far as mail goes."""
+
+
+class CertificateNotVerified(UpstreamError):
+    """The upstream's TLS certificate did not verify: never send through it (a 4xx)."""
+
+
+# Everything a delivery attempt may raise that means "try again later".
+TEMPORARY_ERRORS = (UpstreamError, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                    trio.TooSlowError, ssl.SSLError, ssl.CertificateError)
+
+# Before the routes existed the relay had one upstream: it is a Route now.
+Upstream = Route
 
 
 def temporary(text: str) -> Reply:
@@ -71,40 +87,55 @@ def temporary(text: str) -> Reply:
 class SmtpClient:
     """One upstream SMTP session, driven through the sans-IO client connection."""
 
-    def __init__(self, upstream: Upstream) -> None:
-        self.upstream = upstream
+    def __init__(self, route: Route, connect: Connect = trio.open_tcp_stream) -> None:
+        self.route = route
+        self._open = connect
         self.conn = Connection(CLIENT)
         self.stream: trio.abc.Stream | None = None
         self.extensions: dict[str, str] = {}
 
     async def connect(self) -> None:
-        up = self.upstream
+        route = self.route
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                self.stream = await self._open(route.host, route.port)
+        except (OSError, trio.TooSlowError) as exc:
+            raise Unreachable(f"cannot connect to {route.describe()}: "
+                              f"{exc or type(exc).__name__}") from None
         with trio.fail_after(CONNECT_TIMEOUT):
-            self.stream = await trio.open_tcp_stream(up.host, up.port)
-            if up.tls == "implicit":
+            if route.tls == "implicit":
                 await self._start_tls()
         greeting = await self.reply()
         if greeting.code != 220:
             raise UpstreamError(f"greeting {greeting.code} {greeting.text}")
         await self._ehlo()
-        if up.tls == "starttls":
+        if route.tls == "starttls":
             reply = await self.command(StartTLS())
             if reply.code != 220:
                 raise UpstreamError(f"STARTTLS refused: {reply.code} {reply.text}")
-            await self._start_tls()
+            with trio.fail_after(CONNECT_TIMEOUT):
+                await self._start_tls()
             self.conn.tls_started()
             await self._ehlo()
 
     async def _start_tls(self) -> None:
-        assert self.stream is not None and self.upstream.tls_context is not None
-        self.stream = trio.SSLStream(self.stream, self.upstream.tls_context,
-                                     server_hostname=self.upstream.host)
-        await self.stream.do_handshake()
+        assert self.stream is not None
+        context = self.route.tls_context or ssl.create_default_context()
+        self.stream = trio.SSLStream(self.stream, context, server_hostname=self.route.host)
+        try:
+            await self.stream.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError) as exc:
+            cause = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise CertificateNotVerified(
+                    f"TLS certificate of {self.route.describe()} not verified: "
+                    f"{cause.verify_message or cause}") from None
+            raise
 
     async def _ehlo(self) -> None:
-        reply = await self.command(Hello("EHLO", self.upstream.helo))
+        reply = await self.command(Hello("EHLO", self.route.helo))
         if reply.code != 250:
-            reply = await self.command(Hello("HELO", self.upstream.helo))
+            reply = await self.command(Hello("HELO", self.route.helo))
             if reply.code != 250:
                 raise UpstreamError(f"HELO refused: {reply.code} {reply.text}")
             self.extensions = {}
@@ -112,6 +143,15 @@ class SmtpClient:
             self.extensions = parse_ehlo_reply(reply)
 
     async def login(self, username: str, password: str) -> Reply:
+        """AUTH PLAIN, or LOGIN when that is all the upstream offers (S4)."""
+        offered = self.extensions.get("AUTH", "").upper().split()
+        if "LOGIN" in offered and "PLAIN" not in offered:
+            reply = await self.command(Auth("LOGIN"))
+            if reply.code == 334:
+                reply = await self.command(AuthResponse(username.encode()))
+            if reply.code == 334:
+                reply = await self.command(AuthResponse(password.encode()))
+            return reply
         token = b"\0" + username.encode() + b"\0" + password.encode()
         return await self.command(Auth("PLAIN", token))
 
@@ -144,23 +184,88 @@ class SmtpClient:
         with trio.move_on_after(5):
             try:
                 await self.command(Quit())
-            except (UpstreamError, trio.BrokenResourceError, trio.ClosedResourceError,
-                    ssl.SSLError, OSError):
+            except TEMPORARY_ERRORS:
                 pass
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             await self.stream.aclose()
 
 
+@dataclass(frozen=True)
+class Envelope:
+    sender: str
+    recipients: tuple[str, ...]
+    size: int | None = None
+    body: str | None = None  # BODY= of MAIL
+    smtputf8: bool = False
+
+
+async def transaction(route: Route, credentials: tuple[str, str] | None, envelope: Envelope,
+                      content: Callable[[], AsyncIterator[bytes]], *,
+                      connect: Connect = trio.open_tcp_stream) -> dict[str, Reply]:
+    """One SMTP session: a reply per recipient (4xx/5xx for each one that did not get it).
+
+    Raises Unreachable when there is no connection at all and the other UpstreamErrors when the
+    session broke; the caller decides what that means.
+    """
+    client = SmtpClient(route, connect)
+    recipients = envelope.recipients
+    try:
+        await client.connect()
+        login = credentials or (
+            (route.username, route.password or "") if route.username is not None else None)
+        if login is not None:
+            reply = await client.login(*login)
+            if reply.code != 235:
+                return dict.fromkeys(recipients, reply)
+        ext = client.extensions
+        mail = MailFrom(
+            envelope.sender,
+            size=envelope.size if "SIZE" in ext else None,
+            body=envelope.body if "8BITMIME" in ext else None,
+            smtputf8=envelope.smtputf8 and "SMTPUTF8" in ext,
+        )
+        reply = await client.command(mail)
+        if reply.code != 250:
+            return dict.fromkeys(recipients, reply)
+        results: dict[str, Reply] = {}
+        if "PIPELINING" in ext:
+            for r in recipients:
+                await client.send(RcptTo(r))
+            for r in recipients:
+                results[r] = await client.reply()
+        else:
+            for r in recipients:
+                results[r] = await client.command(RcptTo(r))
+        accepted = [r for r in recipients if results[r].code < 400]
+        if not accepted:
+            return results
+        reply = await client.command(Data())
+        if reply.code != 354:
+            return {**results, **dict.fromkeys(accepted, reply)}
+        async for chunk in content():
+            await client.send(DataChunk(chunk))
+        reply = await client.command(EndOfData(), DATA_END_TIMEOUT)
+        return {**results, **dict.fromkeys(accepted, reply)}
+    finally:
+        await client.quit()
+
+
 class Relay:
-    def __init__(self, queue: HoldQueue, *, upstream: Upstream | None, outbox: Path | None,
-                 retry_seconds: float, now: Callable[[], float], workers: int = WORKERS) -> None:
-        assert (upstream is None) != (outbox is None)
+    def __init__(self, queue: HoldQueue, *, upstream: Route | None = None,
+                 router: Router | None = None, outbox: Path | None = None,
+                 retry_seconds: float, now: Callable[[], float], workers: int = WORKERS,
+                 vault: Vault | None = None, online: Callable[[], bool] = lambda: True,
+                 connect: Connect = trio.open_tcp_stream, hostname: str = "matte.local") -> None:
         self.queue = queue
-        self.upstream = upstream
+        self.router = router or Router(default=upstream)
         self.outbox = outbox
         self.retry_seconds = retry_seconds
         self.now = now
         self.workers = workers
+        self.vault = vault
+        self.online = online  # the board's NIC: bounces wait while it is down
+        self.connect = connect  # the network; tests put memory streams here
+        self.hostname = hostname
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         if self.outbox is not None:
@@ -177,110 +282,188 @@ class Relay:
     # -- one message --------------------------------------------------------------------------
 
     async def deliver(self, d: Delivery) -> None:
+        route = self.router.route(d.sender, d.destination)
+        failed: dict[str, list] = dict(d.failed)  # recipient -> [code, text], kept by the queue
         pending = d.recipients
         deadline = d.released_at + self.retry_seconds
         interval = FIRST_RETRY
-        while True:
+        while pending:
             if not self.queue.is_pending(d.id):
                 return  # cancelled or finished meanwhile
-            results = await self._attempt(d, pending)
+            results = await self._attempt(d, route, pending)
             done = tuple(r for r in pending if results[r].code < 400)
-            failed = {r: results[r] for r in pending if results[r].code >= 500}
+            refused = {r: [results[r].code, results[r].text]
+                       for r in pending if results[r].code >= 500}
             pending = tuple(r for r in pending if 400 <= results[r].code < 500)
-            if pending and done:
+            if done and (pending or refused or failed):
                 await self.queue.delivered(d.id, done)
+            if refused:
+                log.warning("message %s refused for %d recipient(s): %s", d.id.hex(),
+                            len(refused), _reasons(refused))
+                await self.queue.failed(d.id, refused)
+                failed.update(refused)
             if not pending:
-                if failed:
-                    log.warning("message %s failed for %d recipient(s): %s", d.id.hex(),
-                                len(failed), "; ".join(f"{r}: {x.code} {x.text}"
-                                                       for r, x in failed.items()))
-                    await self.queue.finish(d.id, "failed", failed=sorted(failed))
-                else:
-                    await self.queue.finish(d.id, "delivered")
-                return
-            remaining = deadline - self.now()
+                break
+            if done and any(results[r].code == 452 for r in pending):
+                continue  # the upstream's recipient limit (RFC 5321 4.5.3.1.10): the rest now
             reasons = sorted({f"{results[r].code} {results[r].text}" for r in pending})
             self.queue.note_deferred(d.id, "; ".join(reasons))
+            remaining = deadline - self.now()
             if remaining <= 0:
-                log.warning("message %s undeliverable after %d s: %s", d.id.hex(),
-                            self.retry_seconds, "; ".join(reasons))
-                await self.queue.finish(d.id, "failed", failed=sorted(pending + tuple(failed)))
-                return
+                expired = {r: [results[r].code, results[r].text] for r in pending}
+                log.warning("message %s undeliverable to %d recipient(s) after %d s: %s",
+                            d.id.hex(), len(expired), self.retry_seconds, _reasons(expired))
+                await self.queue.failed(d.id, expired)
+                failed.update(expired)
+                break
             # Jitter spreads retries so a recovering upstream is not hit by all at once.
             await trio.sleep(min(remaining, interval * random.uniform(0.8, 1.2)))
             interval = min(interval * 2, MAX_RETRY_INTERVAL)
+        if not self.queue.is_pending(d.id):
+            return
+        if not failed:
+            await self.queue.finish(d.id, "delivered")
+        elif not d.sender:
+            log.info("message %s from <> failed for %d recipient(s): no bounce for a bounce",
+                     d.id.hex(), len(failed))
+            await self.queue.finish(d.id, "failed", failed=sorted(failed), bounce="null sender")
+        else:
+            await self._bounce(d, route, failed)
 
-    async def _attempt(self, d: Delivery, recipients: tuple[str, ...]) -> dict[str, Reply]:
+    async def _attempt(self, d: Delivery, route: Route | None,
+                       recipients: tuple[str, ...]) -> dict[str, Reply]:
+        if route is None and self.outbox is None:
+            return dict.fromkeys(recipients, NO_ROUTE)
         try:
-            if self.outbox is not None:
-                await self._write_outbox(d, recipients)
+            if route is None:
+                await self._write_outbox(d.id.hex(), d.sender, recipients,
+                                         lambda: self.queue.read_body(d.id))
                 return dict.fromkeys(recipients, Reply.of(250, "2.0.0 written to outbox"))
-            return await self._send_upstream(d, recipients)
-        except (UpstreamError, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
-                trio.TooSlowError, ssl.SSLError, ssl.CertificateError) as exc:
+            try:
+                credentials = self._credentials(d)
+            except CredentialsError as exc:
+                log.error("message %s: its sender's credentials cannot be opened: %s",
+                          d.id.hex(), exc)
+                return dict.fromkeys(recipients, BAD_CREDENTIALS)
+            envelope = Envelope(d.sender, recipients, d.size, d.mail_options.get("body"),
+                                bool(d.mail_options.get("smtputf8")))
+            return await transaction(route, credentials, envelope,
+                                     lambda: self.queue.read_body(d.id), connect=self.connect)
+        except CertificateNotVerified as exc:
+            # Said loudly: nothing goes out until the certificate (or ca_file) is fixed.
+            log.warning("delivery of %s deferred: %s", d.id.hex(), exc)
+            return dict.fromkeys(recipients, Reply.of(451, f"4.7.5 {exc}"))
+        except TEMPORARY_ERRORS as exc:
             text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             log.info("delivery of %s deferred: %s", d.id.hex(), text)
             return dict.fromkeys(recipients, temporary(text))
 
-    async def _send_upstream(self, d: Delivery, recipients: tuple[str, ...]) -> dict[str, Reply]:
-        assert self.upstream is not None
-        client = SmtpClient(self.upstream)
-        try:
-            await client.connect()
-            up = self.upstream
-            if up.username is not None:
-                reply = await client.login(up.username, up.password or "")
-                if reply.code != 235:
-                    return dict.fromkeys(recipients, reply)
-            ext = client.extensions
-            mail = MailFrom(
-                d.sender,
-                size=d.size if "SIZE" in ext else None,
-                body=d.mail_options.get("body") if "8BITMIME" in ext else None,
-                smtputf8=bool(d.mail_options.get("smtputf8")) and "SMTPUTF8" in ext,
-            )
-            reply = await client.command(mail)
-            if reply.code != 250:
-                return dict.fromkeys(recipients, reply)
-            results: dict[str, Reply] = {}
-            if "PIPELINING" in ext:
-                for r in recipients:
-                    await client.send(RcptTo(r))
-                for r in recipients:
-                    results[r] = await client.reply()
-            else:
-                for r in recipients:
-                    results[r] = await client.command(RcptTo(r))
-            accepted = [r for r in recipients if results[r].code < 400]
-            if not accepted:
-                return results
-            reply = await client.command(Data())
-            if reply.code != 354:
-                return {**results, **dict.fromkeys(accepted, reply)}
-            async for chunk in self.queue.read_body(d.id):
-                await client.send(DataChunk(chunk))
-            reply = await client.command(EndOfData(), DATA_END_TIMEOUT)
-            return {**results, **dict.fromkeys(accepted, reply)}
-        finally:
-            await client.quit()
+    def _credentials(self, d: Delivery) -> tuple[str, str] | None:
+        if d.credentials is None:
+            return None
+        if self.vault is None:
+            raise CredentialsError("no device key to open them with")
+        return self.vault.open(d.id, d.credentials)
 
-    async def _write_outbox(self, d: Delivery, recipients: tuple[str, ...]) -> None:
+    # -- the bounce (S11) ---------------------------------------------------------------------
+
+    async def _bounce(self, d: Delivery, route: Route | None, failed: dict[str, list]) -> None:
+        failures = [dsn.Failure(r, code, text) for r, (code, text) in failed.items()]
+        message = dsn.build(sender=d.sender, failures=failures,
+                            original_headers=await self._original_headers(d.id),
+                            hostname=self.hostname, message_ref=d.id.hex(),
+                            date=self.now(), arrival_date=d.received_at or d.released_at)
+        envelope = Envelope("", (d.sender,), len(message),
+                            "8BITMIME" if any(b > 127 for b in message) else None,
+                            not d.sender.isascii())
+        interval = FIRST_RETRY
+        while self.queue.is_pending(d.id):
+            if not self.online():
+                await trio.sleep(OFFLINE_POLL)  # S11: bounces wait while the gateway is offline
+                continue
+            outcome = await self._send_bounce(d, route, envelope, message)
+            if outcome == "sent":
+                log.info("message %s: bounce sent to %s for %d recipient(s)", d.id.hex(),
+                         d.sender, len(failed))
+                await self.queue.finish(d.id, "bounced", failed=sorted(failed))
+                return
+            if outcome != "unreachable":
+                log.warning("message %s: bounce to %s failed (%s); dropped", d.id.hex(),
+                            d.sender, outcome)
+                await self.queue.finish(d.id, "failed", failed=sorted(failed),
+                                        bounce=f"dropped: {outcome}")
+                return
+            await trio.sleep(interval * random.uniform(0.8, 1.2))
+            interval = min(interval * 2, MAX_RETRY_INTERVAL)
+
+    async def _send_bounce(self, d: Delivery, route: Route | None, envelope: Envelope,
+                           message: bytes) -> str:
+        """"sent", "unreachable" (wait and try again), or why it failed for good."""
+
+        async def content():
+            yield message
+
+        try:
+            if route is None:
+                if self.outbox is None:
+                    return NO_ROUTE.text
+                await self._write_outbox(f"{d.id.hex()}.bounce", "", envelope.recipients,
+                                         content)
+                return "sent"
+            reply = (await transaction(route, self._credentials(d), envelope, content,
+                                       connect=self.connect))[d.sender]
+        except Unreachable as exc:
+            log.info("message %s: bounce waits, the upstream is unreachable: %s",
+                     d.id.hex(), exc)
+            return "unreachable"
+        except (CredentialsError, *TEMPORARY_ERRORS) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "sent" if reply.code < 400 else f"{reply.code} {reply.text}"
+
+    async def _original_headers(self, id: bytes) -> bytes:
+        data = bytearray()
+        chunks = self.queue.read_body(id)
+        try:
+            async for chunk in chunks:
+                data += chunk
+                if b"\r\n\r\n" in data or len(data) >= HEADERS_READ:
+                    break
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                with trio.CancelScope(shield=True):
+                    await aclose()
+        return bytes(data[:HEADERS_READ])
+
+    # -- the outbox ---------------------------------------------------------------------------
+
+    async def _write_outbox(self, name: str, sender: str, recipients: tuple[str, ...],
+                            content: Callable[[], AsyncIterator[bytes]]) -> None:
         """One `.eml` per message, the exact bytes received, and its envelope beside it."""
         assert self.outbox is not None
-        name = self.outbox / f"{d.id.hex()}.eml"
-        tmp = name.with_suffix(".tmp")
+        path = self.outbox / f"{name}.eml"
+        tmp = path.with_suffix(".tmp")
         f = await trio.to_thread.run_sync(open, tmp, "wb")
         try:
-            async for chunk in self.queue.read_body(d.id):
+            async for chunk in content():
                 await trio.to_thread.run_sync(f.write, chunk)
             await trio.to_thread.run_sync(_sync_close, f)
         except BaseException:
             f.close()
             raise
-        envelope = json.dumps({"from": d.sender, "to": list(recipients)}, ensure_ascii=False)
-        await trio.to_thread.run_sync(_write_durably, name.with_suffix(".envelope.json"),
+        envelope = json.dumps({"from": sender, "to": list(recipients)}, ensure_ascii=False)
+        await trio.to_thread.run_sync(_write_durably, path.with_suffix(".envelope.json"),
                                       envelope.encode())
-        await trio.to_thread.run_sync(_rename_durably, tmp, name)
+        await trio.to_thread.run_sync(_rename_durably, tmp, path)
+
+
+NO_ROUTE = Reply.of(554, "5.4.4 No upstream server for this message (not an intercepted "
+                    "connection, and no upstream.host)")
+BAD_CREDENTIALS = Reply.of(554, "5.7.0 The sender's stored credentials cannot be read")
+
+
+def _reasons(failures: dict[str, list]) -> str:
+    return "; ".join(f"{r}: {code} {text}" for r, (code, text) in failures.items())
 
 
 def _sync_close(f) -> None:
@@ -305,22 +488,28 @@ def _rename_durably(src: Path, dst: Path) -> None:
         os.close(fd)
 
 
-async def check_credentials(upstream: Upstream | None, username: str, password: str) -> Reply:
-    """S4: a client's AUTH is checked live against its upstream before the gateway answers."""
-    if upstream is None:
+async def check_credentials(route: Route | None, username: str, password: str, *,
+                            connect: Connect = trio.open_tcp_stream) -> Reply:
+    """S4: a client's AUTH is checked live, against the server its mail will go to, before the
+    gateway answers."""
+    if route is None:
         return Reply.of(235, "2.7.0 Authentication accepted (no upstream server to check with)")
-    client = SmtpClient(upstream)
+    client = SmtpClient(route, connect)
     try:
         await client.connect()
         if "AUTH" not in client.extensions:
             return Reply.of(454, "4.7.0 The upstream server offers no authentication")
         reply = await client.login(username, password)
-    except (UpstreamError, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
-            trio.TooSlowError, ssl.SSLError) as exc:
-        log.warning("could not check credentials with the upstream: %s", exc)
+    except CertificateNotVerified as exc:
+        log.warning("could not check credentials: %s", exc)
+        return Reply.of(454, "4.7.0 The upstream server's certificate could not be verified")
+    except TEMPORARY_ERRORS as exc:
+        log.warning("could not check credentials with %s: %s", route.describe(), exc)
         return Reply.of(454, "4.7.0 Cannot reach the upstream server to check credentials")
     finally:
         await client.quit()
     if reply.code == 235:
         return Reply.of(235, "2.7.0 Authentication successful")
+    if reply.code == 334:  # a mechanism dialogue we cannot finish: not a success
+        return Reply.of(535, "5.7.8 Authentication credentials invalid")
     return reply

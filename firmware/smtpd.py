@@ -58,7 +58,8 @@ RECEIVE_SIZE = 256 * 1024
 # A client that keeps making mistakes is cut off rather than served forever (Postfix: 20).
 MAX_ERRORS = 20
 
-Authenticator = Callable[[str, str], Awaitable[Reply]]
+# (username, password, route) -> the upstream's answer; route is what SmtpService.route_of gave.
+Authenticator = Callable[[str, str, object], Awaitable[Reply]]
 
 OK = Reply.of(250, "2.0.0 Ok")
 BYE = Reply.of(221, "2.0.0 Bye")
@@ -93,6 +94,12 @@ class SmtpService:
     tls_context: ssl.SSLContext | None
     authenticate: Authenticator
     counters: dict = field(default_factory=lambda: {"connections": 0, "refused": 0})
+    # Delivery's side of AUTH (S4, B9, B10): which upstream a message will take (sender or
+    # None, original destination or None), how a client's credentials are sealed for its
+    # message, and, in transparent mode, how a connection's original destination is found.
+    route_of: Callable[[str | None, tuple | None], object] = lambda sender, destination: None
+    seal: Callable[[bytes, str, str], dict] | None = None
+    original_destination: Callable[[object], tuple[str, int] | None] | None = None
 
 
 @dataclass
@@ -168,6 +175,9 @@ class Session:
         self.tx: Transaction | None = None
         self.errors = 0
         self.auth_state: tuple[str, list[bytes]] | None = None
+        self.original_dst: tuple[str, int] | None = None  # transparent mode (B10)
+        self.credentials: tuple[str, str] | None = None  # after 235; sealed with each message
+        self.auth_route: object = None  # the route those credentials were checked on
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -271,7 +281,7 @@ class Session:
             await self._abort_transaction()
             return self._hello(event)
         if isinstance(event, MailFrom):
-            return self._mail(event)
+            return await self._mail(event)
         if isinstance(event, RcptTo):
             return self._rcpt(event)
         if isinstance(event, Data):
@@ -313,8 +323,11 @@ class Session:
             lines.append("AUTH " + " ".join(AUTH_MECHANISMS))
         return _hello_reply(*lines)
 
-    def _mail(self, event: MailFrom) -> Reply:
+    async def _mail(self, event: MailFrom) -> Reply:
         refusal = policy.check_size(event.size, self.service.max_message_size)
+        if refusal is not None:
+            return refusal
+        refusal = await self._check_route_credentials(event.sender)
         if refusal is not None:
             return refusal
         reservation = self.service.queue.reserve(event.size or 0)
@@ -392,6 +405,8 @@ class Session:
                     size=tx.size,
                     hold=decision.hold,
                     mail_options=tx.options,
+                    credentials=self._sealed_credentials(tx.id),
+                    destination=self._destination(),
                 )
         except StoreError as exc:
             log.error("store failed, message from %s refused: %s", self.peer_ip, exc)
@@ -436,9 +451,47 @@ class Session:
             username, secret = user.decode("utf-8"), password.decode("utf-8")
         except (ValueError, UnicodeDecodeError):
             return BAD_AUTH_DATA
-        reply = await self.service.authenticate(username, secret)
+        # The sender is not known yet: a username that is an address routes like one.
+        route = self.service.route_of(username if "@" in username else None,
+                                      self._destination())
+        reply = await self.service.authenticate(username, secret, route)
         log.info("AUTH %s for %r from %s: %d", mechanism, username, self.peer_ip, reply.code)
+        if reply.code == 235:
+            self.credentials, self.auth_route = (username, secret), route
         return reply
+
+    def _destination(self) -> tuple[str, int, str] | None:
+        """Transparent mode: where this connection was going, in the TLS mode it used there."""
+        if self.original_dst is None:
+            return None
+        tls = "implicit" if self.implicit_tls else "starttls" if self.conn.tls else "none"
+        return (*self.original_dst, tls)
+
+    def _authenticated(self) -> bool:
+        return self.credentials is not None and self.conn.authenticated
+
+    async def _check_route_credentials(self, sender: str) -> Reply | None:
+        """The sender's domain may route to another server than the one AUTH was checked with:
+        check the credentials there too before taking the message (S4, B10)."""
+        if not self._authenticated():
+            return None
+        route = self.service.route_of(sender, self._destination())
+        if route == self.auth_route:
+            return None
+        reply = await self.service.authenticate(*self.credentials, route)
+        log.info("AUTH for %r from %s re-checked for sender %s: %d", self.credentials[0],
+                 self.peer_ip, sender, reply.code)
+        if reply.code != 235:
+            return Reply.of(530 if reply.code >= 500 else 454,
+                            f"{'5' if reply.code >= 500 else '4'}.7.0 Your credentials were "
+                            f"not accepted by the server for this sender: {reply.text}")
+        self.auth_route = route
+        return None
+
+    def _sealed_credentials(self, id: bytes) -> dict | None:
+        if not self._authenticated() or self.service.seal is None:
+            return None
+        return self.service.seal(id, *self.credentials)
 
     # -- cleanup ------------------------------------------------------------------------------
 
@@ -464,7 +517,13 @@ async def handle_connection(service: SmtpService, implicit_tls: bool,
     except OSError:  # gone before we looked
         await trio.aclose_forcefully(stream)
         return
-    await Session(service, stream, peer, implicit_tls=implicit_tls).run()
+    session = Session(service, stream, peer, implicit_tls=implicit_tls)
+    if service.original_destination is not None:
+        try:
+            session.original_dst = service.original_destination(stream.socket)
+        except OSError as exc:
+            log.warning("original destination of a connection from %s: %s", peer, exc)
+    await session.run()
 
 
 # Out of descriptors or memory: wait and accept again, as trio.serve_listeners does.

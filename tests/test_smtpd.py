@@ -14,7 +14,7 @@ from firmware.smtpd import COMMAND_TIMEOUT, MAX_ERRORS, Session, SmtpService
 from tests.test_qmgr import MemoryStore
 
 
-async def refuse(username: str, password: str) -> Reply:
+async def refuse(username: str, password: str, route=None) -> Reply:
     return Reply.of(535, "5.7.8 Authentication credentials invalid")
 
 
