@@ -120,6 +120,8 @@ class RouteConfig:
 @dataclass(frozen=True)
 class WebConfig:
     listen: tuple[str, ...] = ("127.0.0.1:8080",)
+    listen_tls: tuple[str, ...] = ()  # HTTPS with the device certificate
+    names: tuple[str, ...] = ()  # host names the page answers to, besides smtp.hostname
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,7 @@ class Config:
             f"board: {self.board.kind}, watchdog kick every {self.board.kick_seconds} s, "
             f"stall after {self.board.stall_seconds} s",
             f"web: {_join(self.web.listen)}",
+            f"web (HTTPS): {_join(self.web.listen_tls)}",
         ]
 
 
@@ -471,7 +474,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
             "mode": _choice(UPSTREAM_MODES),
         },
     ),
-    "web": (WebConfig, {"listen": _list_of(_listen, allow_empty=False)}),
+    "web": (WebConfig, {"listen": _list_of(_listen, allow_empty=False),
+                        "listen_tls": _list_of(_listen), "names": _list_of(_host)}),
 }
 
 _TOP: dict[str, Callable[[Any], Any]] = {"data_dir": _path, "audit_log": _path}
