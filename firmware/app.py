@@ -140,7 +140,8 @@ async def _serve(config, supervisor, audit, store, recovered, server_tls, device
             implicit_tls=True)) if s.listen_tls else []
         secret = await trio.to_thread.run_sync(_secret, data_dir / "web.key")
         ca_pem = await trio.to_thread.run_sync(device.ca_cert.read_bytes)
-        webapp = WebApp(queue, secret, ca_pem=ca_pem, names=_certificate_names(config))
+        webapp = WebApp(queue, secret, ca_pem=ca_pem, names=_certificate_names(config),
+                        services={"smtp": service.counters})
         web = await nursery.start(supervisor.supervise, "web", partial(
             serve_web, [parse_listen(a) for a in config.web.listen], webapp))
         web_tls = await nursery.start(supervisor.supervise, "web-tls", partial(

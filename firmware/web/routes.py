@@ -80,8 +80,11 @@ class WebApp:
         ca_pem: bytes | None = None,
         rate: float = RATE_PER_SECOND,
         burst: int = RATE_BURST,
+        services: dict[str, dict] | None = None,
     ) -> None:
         self.ctx = WebContext(queue, secret, ca_pem=ca_pem)
+        # Other services' live counters for /metrics (e.g. {"smtp": {"connections": 3}}).
+        self.services = services or {}
         # Host names and addresses the page answers to (DNS rebinding): the configured ones,
         # "localhost", and always the address the connection came in on.
         self.names = {_host_name(n) for n in (*names, "localhost")}
@@ -162,7 +165,8 @@ class WebApp:
 
     def metrics(self) -> Response:
         queue = self.ctx.queue
-        text = metrics.render_metrics(queue.store_status(), queue.statistics(), self.ctx.counters)
+        stats = {**queue.statistics(), **self.services}
+        text = metrics.render_metrics(queue.store_status(), stats, self.ctx.counters)
         return Response.text(text, content_type=metrics.CONTENT_TYPE)
 
     def statistics(self) -> dict[str, int]:

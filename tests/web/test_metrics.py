@@ -67,3 +67,14 @@ def test_statistics_repeating_store_status_and_nested_stats():
     assert "# TYPE matte_held_now gauge" in text
     assert "# TYPE matte_store_fsyncs untyped" in text
     assert len(set(samples)) == len([line for line in text.splitlines() if line.startswith("# TYPE")])
+
+
+async def test_metrics_include_other_services_counters(nursery, queue):
+    from firmware.web import serve_web
+
+    from .conftest import make_app, request
+
+    app = make_app(queue, services={"smtp": {"connections": 7, "refused": 1}})
+    port = (await nursery.start(serve_web, [("127.0.0.1", 0)], app))[0][1]
+    text = (await request(port, "GET", "/metrics")).text
+    assert "matte_smtp_connections 7" in text and "matte_smtp_refused 1" in text
