@@ -4,6 +4,8 @@ import urllib.parse
 from html.parser import HTMLParser
 
 import pytest
+import trio
+from functools import partial
 
 from firmware.web import token_for
 from firmware.web.pages import choose_language, render_mail_page
@@ -247,3 +249,36 @@ async def test_ca_page_and_download(nursery, queue, tmp_path):
     assert ":".join(fingerprint[i:i + 2] for i in range(0, 64, 2)) in page.text
     assert (await request(port, "POST", "/ca.pem")).status == 405
     assert (await request(port, "GET", "/mail")).text.count('href="/mail/ca"') == 1
+
+
+async def test_page_over_https_with_the_device_certificate(nursery, queue, tmp_path):
+    import ssl
+
+    from firmware import tls
+    from firmware.web import serve_web
+
+    from .conftest import make_app
+
+    device = tls.ensure_device_certificates(tmp_path, ["matte.test", "127.0.0.1"])
+    port = (await nursery.start(partial(serve_web, [("127.0.0.1", 0)], make_app(queue),
+                                        tls_context=tls.server_context(device))))[0][1]
+    queue.add(A, "over https")
+    client = ssl.create_default_context(cafile=str(device.ca_cert))
+    stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=client,
+                                                 https_compatible=True)
+    async with stream:
+        import h11
+
+        from .conftest import read_reply, send_request
+
+        conn = h11.Connection(h11.CLIENT)
+        with trio.fail_after(10):
+            await send_request(stream, conn, "POST", "/api/held/all/cancel",
+                               headers={"Origin": "http://matte.test",
+                                        "X-Matte-Token": token_for(SECRET, A)})
+            refused = await read_reply(stream, conn)  # http:// is another origin than https://
+            conn.start_next_cycle()
+            await send_request(stream, conn, "GET", "/mail")
+            reply = await read_reply(stream, conn)
+    assert refused.status == 403
+    assert reply.status == 200 and "over https" in reply.text
