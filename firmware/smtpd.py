@@ -8,6 +8,7 @@ answers 250 only after the queue says the message is durable.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import math
 import os
@@ -57,6 +58,16 @@ TLS_HANDSHAKE_TIMEOUT = 30.0
 RECEIVE_SIZE = 256 * 1024
 # A client that keeps making mistakes is cut off rather than served forever (Postfix: 20).
 MAX_ERRORS = 20
+# Abuse limits. The per-address ones do not apply to loopback (the host's own MTA, a
+# benchmark), as Postfix exempts its own networks from anvil's limits.
+MAX_CONNECTIONS = 1024  # at once, from everyone
+MAX_CONNECTIONS_PER_IP = 256  # at once, from one address
+MESSAGES_PER_MINUTE_PER_IP = 600  # accepted for delivery; a burst of as many, then this rate
+# DATA must keep arriving at this mean rate (bytes/s) once DATA_GRACE seconds have passed;
+# a client trickling a byte now and then is cut off instead of holding a slot for hours.
+MIN_DATA_RATE = 1024
+DATA_GRACE = 60.0
+LIMIT_EXEMPT_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 # (username, password, route) -> the upstream's answer; route is what SmtpService.route_of gave.
 Authenticator = Callable[[str, str, object], Awaitable[Reply]]
@@ -65,6 +76,11 @@ OK = Reply.of(250, "2.0.0 Ok")
 BYE = Reply.of(221, "2.0.0 Bye")
 TIMEOUT = Reply.of(421, "4.4.2 Timeout, closing connection")
 TOO_MANY_ERRORS = Reply.of(421, "4.7.0 Too many errors, closing connection")
+TOO_MANY_CONNECTIONS = Reply.of(421, "4.7.0 Too many connections, try again later")
+TOO_MANY_FROM_YOU = Reply.of(421, "4.7.0 Too many connections from your address, "
+                             "try again later")
+RATE_LIMITED = Reply.of(450, "4.7.1 Too many messages from your address, try again later")
+TOO_SLOW = Reply.of(421, "4.4.2 Message data arriving too slowly, closing connection")
 NOT_ALLOWED = Reply.of(554, "5.7.1 Your address is not allowed to send mail through this gateway")
 STORE_ERROR = Reply.of(451, "4.3.0 Could not store the message, try again later")
 NEED_TLS = Reply.of(530, "5.7.0 Must issue a STARTTLS command first")
@@ -77,6 +93,29 @@ BAD_AUTH_DATA = Reply.of(501, "5.5.2 Cannot decode the authentication data")
 SENDER_OK = Reply.of(250, "2.1.0 Sender ok")
 RECIPIENT_OK = Reply.of(250, "2.1.5 Recipient ok")
 START_DATA = Reply.of(354, "End data with <CR><LF>.<CR><LF>")
+
+
+class ClientLimits:
+    """Who is connected and how fast each address sends: one owner (the accept path and
+    MAIL) for the per-address counts."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.per_ip: dict[str, int] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}  # ip -> (tokens, at)
+
+    def take_message(self, ip: str, per_minute: int, now: float) -> bool:
+        """A token bucket of ``per_minute`` tokens refilled at ``per_minute`` a minute."""
+        tokens, at = self._buckets.get(ip, (per_minute, now))
+        tokens = min(per_minute, tokens + (now - at) * per_minute / 60.0)
+        if tokens < 1:
+            self._buckets[ip] = (tokens, now)
+            return False
+        if len(self._buckets) > 4096:  # forget full buckets: they carry no state
+            self._buckets = {k: v for k, v in self._buckets.items()
+                             if v[0] + (now - v[1]) * per_minute / 60.0 < per_minute}
+        self._buckets[ip] = (tokens - 1, now)
+        return True
 
 
 @dataclass
@@ -94,6 +133,13 @@ class SmtpService:
     tls_context: ssl.SSLContext | None
     authenticate: Authenticator
     counters: dict = field(default_factory=lambda: {"connections": 0, "refused": 0})
+    # Abuse limits (see the constants); tests lower them.
+    max_connections: int = MAX_CONNECTIONS
+    max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP
+    messages_per_minute_per_ip: int = MESSAGES_PER_MINUTE_PER_IP
+    min_data_rate: int = MIN_DATA_RATE
+    limit_exempt_networks: Sequence = LIMIT_EXEMPT_NETWORKS
+    limits: ClientLimits = field(default_factory=ClientLimits)
     # Delivery's side of AUTH (S4, B9, B10): which upstream a message will take (sender or
     # None, original destination or None), how a client's credentials are sealed for its
     # message, and, in transparent mode, how a connection's original destination is found.
@@ -112,6 +158,7 @@ class Transaction:
     size: int = 0
     too_big: bool = False
     store_failed: bool = False
+    data_started: float = 0.0
     headers: HeaderCollector | None = None
 
 
@@ -160,7 +207,13 @@ class PlainStream:
         await self.socket_stream.aclose()
 
 
+class TooSlow(Exception):
+    """The client sends its message more slowly than MIN_DATA_RATE."""
+
+
 class Session:
+    rate_exempt = False  # set by the accept path for LIMIT_EXEMPT_NETWORKS
+
     def __init__(self, service: SmtpService, stream: trio.abc.Stream, peer_ip: str,
                  *, implicit_tls: bool) -> None:
         self.service = service
@@ -196,6 +249,10 @@ class Session:
             await self._serve()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
             log.debug("connection from %s lost: %s", self.peer_ip, exc)
+        except TooSlow:
+            self._reply(TOO_SLOW)
+            with trio.move_on_after(5):
+                await self._flush()
         finally:
             await self._abort_transaction()
             if isinstance(self.stream, PlainStream):
@@ -330,6 +387,11 @@ class Session:
         refusal = await self._check_route_credentials(event.sender)
         if refusal is not None:
             return refusal
+        service = self.service
+        if (not self.rate_exempt and not service.limits.take_message(
+                self.peer_ip, service.messages_per_minute_per_ip, trio.current_time())):
+            log.info("MAIL from %s refused: message rate limit", self.peer_ip)
+            return RATE_LIMITED
         reservation = self.service.queue.reserve(event.size or 0)
         if isinstance(reservation, Reply):
             return reservation
@@ -355,6 +417,7 @@ class Session:
         assert self.tx is not None
         self.tx.id = os.urandom(16)
         self.tx.headers = HeaderCollector()
+        self.tx.data_started = trio.current_time()
         return START_DATA
 
     async def _data_chunk(self, data: bytes) -> None:
@@ -362,6 +425,10 @@ class Session:
         assert tx is not None and tx.id is not None
         offset = tx.size
         tx.size += len(data)
+        if trio.current_time() - tx.data_started > DATA_GRACE + tx.size / self.service.min_data_rate:
+            log.info("%s sends DATA too slowly (%d bytes in %.0f s): cut off", self.peer_ip,
+                     tx.size, trio.current_time() - tx.data_started)
+            raise TooSlow
         if tx.too_big or tx.size > self.service.max_message_size:
             tx.too_big = True  # keep reading to the end, store nothing more (S8)
             return
@@ -517,7 +584,40 @@ async def handle_connection(service: SmtpService, implicit_tls: bool,
     except OSError:  # gone before we looked
         await trio.aclose_forcefully(stream)
         return
+    limits, ip = service.limits, normalize_ip(peer)
+    exempt = ip_in(ip, service.limit_exempt_networks)
+    refusal = None
+    if limits.connections >= service.max_connections:
+        refusal = TOO_MANY_CONNECTIONS
+    elif not exempt and limits.per_ip.get(ip, 0) >= service.max_connections_per_ip:
+        refusal = TOO_MANY_FROM_YOU
+    if refusal is not None:
+        service.counters["limited"] = service.counters.get("limited", 0) + 1
+        log.info("refused a connection from %s: %s", ip, refusal.lines[0])
+        if not implicit_tls:  # on a TLS port there is no cheap way to say it
+            with trio.move_on_after(5):
+                try:
+                    await stream.send_all(b"%d %s\r\n" % (refusal.code, refusal.lines[0].encode()))
+                except trio.BrokenResourceError:
+                    pass
+        await trio.aclose_forcefully(stream)
+        return
+    limits.connections += 1
+    limits.per_ip[ip] = limits.per_ip.get(ip, 0) + 1
+    try:
+        await _serve_connection(service, implicit_tls, stream, peer, exempt)
+    finally:
+        limits.connections -= 1
+        if limits.per_ip[ip] == 1:
+            del limits.per_ip[ip]
+        else:
+            limits.per_ip[ip] -= 1
+
+
+async def _serve_connection(service: SmtpService, implicit_tls: bool,
+                            stream: trio.SocketStream, peer: str, exempt: bool) -> None:
     session = Session(service, stream, peer, implicit_tls=implicit_tls)
+    session.rate_exempt = exempt
     if service.original_destination is not None:
         try:
             session.original_dst = service.original_destination(stream.socket)
