@@ -36,6 +36,7 @@ from firmware.smtp import (
     DataChunk,
     EndOfData,
     Hello,
+    LocalProtocolError,
     MailFrom,
     Quit,
     RcptTo,
@@ -184,6 +185,8 @@ class SmtpClient:
         with trio.move_on_after(5):
             try:
                 await self.command(Quit())
+            except LocalProtocolError:
+                pass  # a STARTTLS whose handshake failed: nothing more may be said
             except TEMPORARY_ERRORS:
                 pass
         with trio.CancelScope(shield=True), trio.move_on_after(1):

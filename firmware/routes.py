@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 # IP6T_SO_ORIGINAL_DST: both 80, asked at SOL_IP and SOL_IPV6.
 SO_ORIGINAL_DST = 80
 SOL_IP = getattr(socket, "SOL_IP", 0)
-SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
+SOL_IPV6 = socket.IPPROTO_IPV6
 _SOCKADDR_IN6 = 28
 
 
