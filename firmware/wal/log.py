@@ -159,6 +159,13 @@ class _Message:
         return self.body_segs | self.rec_segs | self.pending_segs
 
 
+def _weight(m: _Message) -> int:
+    """What an unfinished message counts for in live bytes (its body, about 64 bytes a record)."""
+    if m.finished:
+        return 0
+    return m.body_bytes + 64 * (1 + len(m.updates)) + m.pending_len
+
+
 class _Segment:
     __slots__ = ("seq", "path", "size")
 
@@ -283,6 +290,8 @@ class Log:
         self._copies: deque[_Copy] = deque()
         self._maintain_needed = True
         self._next_maintain = 0.0
+        self._live_ids = 0  # accepted, not finished
+        self._live_total = 0  # sum of _weight over every unfinished message
         self._stats = {
             "fsyncs": 0, "last_fsync_latency": 0.0, "bytes_written": 0, "batches": 0,
             "commits": 0, "records": 0, "compactions": 0, "copied_messages": 0,
@@ -340,6 +349,7 @@ class Log:
             m.queued_len = m.accept.size
             m.accept_queued = True
             recovered[id] = Recovered(m.accept, list(m.updates), m.accept.size)
+        self._live_ids, self._live_total = self._recount()
 
         if seqs:
             active = self._segments[seqs[-1]]
@@ -456,6 +466,7 @@ class Log:
         if offset == 0:
             if m is None:
                 m = self._msgs[id] = _Message(id)
+                self._live_total += _weight(m)
             elif m.accept_queued or m.finishing:
                 raise ValueError(f"message {id.hex()} is already accepted or finished")
             m.queued_len = 0
@@ -497,6 +508,7 @@ class Log:
         if kind == _ACCEPT:
             if m is None and record.size == 0:
                 m = self._msgs[record.id] = _Message(record.id)
+                self._live_total += _weight(m)
             if m is None or m.queued_len != record.size:
                 have = m.queued_len if m is not None else 0
                 raise ValueError(f"Accept size {record.size} for {record.id.hex()} but the "
@@ -584,11 +596,11 @@ class Log:
                 self._files.close(fd)
 
     def statistics(self) -> dict:
-        live = [m for m in self._msgs.values() if m.accept is not None and not m.finished]
+        # Cheap (kept as the writer applies records): callers ask on every change of the queue.
         return {
             "segments": len(self._segments),
             "bytes_on_disk": sum(s.size for s in self._segments.values()),
-            "live_ids": len(live),
+            "live_ids": self._live_ids,
             "live_bytes": self._live_bytes(),
             "queued_records": len(self._queue),
             "queued_body_bytes": self._body_bytes,
@@ -805,6 +817,7 @@ class Log:
             m.all_segs.add(seq)
             if m.finished:
                 continue
+            was_live, weight = m.accept is not None, _weight(m)
             kind = it.kind
             frame_len = it.frame_len
             if kind == _BODY:
@@ -827,16 +840,19 @@ class Log:
             else:
                 m.add_finish(seq)
                 self._maintain_needed = True
+            self._live_ids += (m.accept is not None and not m.finished) - was_live
+            self._live_total += _weight(m) - weight
             it.payload = b""  # let body data go
 
     # --------------------------------------------------- reclaim, compaction
 
     def _live_bytes(self) -> int:
-        total = 0
-        for m in self._msgs.values():
-            if not m.finished:
-                total += m.body_bytes + 64 * (1 + len(m.updates)) + m.pending_len
-        return total
+        return self._live_total
+
+    def _recount(self) -> tuple[int, int]:
+        """(live ids, live bytes) counted from scratch; kept up to date from then on."""
+        live = [m for m in self._msgs.values() if not m.finished]
+        return (sum(1 for m in live if m.accept is not None), sum(_weight(m) for m in live))
 
     def _plan_copy(self):
         """Next compaction step: up to COPY_CHUNK of source extents, and the
