@@ -64,7 +64,8 @@ class RawUpstream:
             parts = raw.split(b"\r\nDATA\r\n")
             for part in parts[1:]:
                 end = part.find(b"\r\n.\r\n")
-                out.append(part[: end + 5] if end >= 0 else part)
+                if end >= 0:  # whole ones only
+                    out.append(part[: end + 5])
         return out
 
     def envelopes(self) -> list[tuple[bytes, list[bytes]]]:

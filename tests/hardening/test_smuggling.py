@@ -149,7 +149,7 @@ async def test_open_relay_tricks_are_relayed_as_given_never_rerouted(start_gatew
     taken = [r for r, code in answers.items() if code == 250]
     for r, code in answers.items():
         assert code == 250 or 500 <= code < 600, (r, code)
-    await wait_for(lambda: len(upstream.envelopes()) == len(taken), timeout=30)
+    await wait_for(lambda: len(upstream.transactions()) == len(taken), timeout=30)
     got = sorted(rcpts[0] for _, rcpts in upstream.envelopes())
     # The one upstream gets the recipient exactly as the client wrote it: no %-hack, no
     # source route, no bang path is turned into another destination by the gateway.
