@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 the gateway stopped on an error, 2 bad usage or a bad config
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -107,6 +108,7 @@ def _run(path: Path | None, level: str) -> int:
     try:
         from firmware import app  # imported late: check-config must not need the whole gateway
 
+        _tune_gc()
         app.run(cfg)
     except KeyboardInterrupt:
         log.info("interrupted")
@@ -115,6 +117,14 @@ def _run(path: Path | None, level: str) -> int:
         log.critical("stopped on an error", exc_info=True)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _tune_gc() -> None:
+    """What is loaded at start lives as long as the process: keep it out of every collection.
+    Objects made per message die by reference counting, so the young generation is collected
+    less often (the default, every 700 allocations, cost about 7% of the CPU per message)."""
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,11 +7,11 @@ event is dropped. Lines are written whole and flushed at once (appends of one li
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,17 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+_second: tuple[int, str] = (-1, "")  # the last whole second, formatted: one line per message
+
+
 def _timestamp() -> str:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """UTC, ISO 8601 with milliseconds: "2024-01-01T00:00:00.000Z"."""
+    global _second
+    now = time.time()
+    whole = int(now)
+    if whole != _second[0]:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{min(int((now - whole) * 1000), 999):03d}Z"
 
 
 class AuditLog:
