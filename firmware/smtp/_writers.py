@@ -76,6 +76,15 @@ def write_command(event: Event) -> bytes:
     return line.encode("utf-8") + b"\r\n"
 
 
+def _crlf_only(data: bytes) -> bool:
+    """No bare CR or LF in `data`. splitlines() ends a line at CRLF, CR and LF alike: the
+    octets outside the lines are 2 per end exactly when every end is a CRLF (faster in
+    CPython than counting CRLF pairs)."""
+    lines = data.splitlines()
+    ends = len(lines) - (not data.endswith((b"\r", b"\n")) and bool(lines))
+    return len(data) - sum(map(len, lines)) == 2 * ends
+
+
 class DotStuffer:
     """Canonical CRLF and dot-stuffing for outgoing content, across chunks.
 
@@ -99,8 +108,7 @@ class DotStuffer:
             self.pending_cr = True
         if not data:
             return b""
-        lf = data.count(b"\n")
-        if lf != data.count(b"\r") or lf != data.count(b"\r\n"):
+        if not _crlf_only(data):
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
             data = data.replace(b"\n", b"\r\n")
         data = data.replace(b"\n.", b"\n..")
