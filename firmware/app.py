@@ -21,7 +21,7 @@ from firmware import tls
 from firmware.audit import AuditLog
 from firmware.config import Config, parse_listen
 from firmware.qmgr import HoldQueue, WallClock
-from firmware.credentials import Vault
+from firmware.credentials import KeyStore, Vault
 from firmware.relay import Relay, check_credentials
 from firmware.routes import Route, Router, original_destination
 from firmware.smtpd import SmtpService, serve_smtp
@@ -105,11 +105,13 @@ async def _serve(config, supervisor, audit, store, recovered, server_tls, device
         await nursery.start(supervisor.supervise, "store", store.run)
 
         now = WallClock()
+        keys = await trio.to_thread.run_sync(KeyStore.open, data_dir / "keys")  # B9
         queue = HoldQueue(store, hold_seconds=config.hold.seconds,
                           max_messages=config.hold.max_messages, max_bytes=config.hold.max_bytes,
-                          now=now, audit=audit, on_change=supervisor.show)
+                          now=now, audit=audit, on_change=supervisor.show, keys=keys)
         supervisor.watch(queue=queue, store=store)  # the LED follows them (S10: "queue full")
         queue.recover(recovered, config.hold.on_boot)
+        await queue.remove_orphan_keys()
 
         up = config.upstream
         router = _router(config)
@@ -117,7 +119,7 @@ async def _serve(config, supervisor, audit, store, recovered, server_tls, device
         vault = await trio.to_thread.run_sync(Vault.load_or_create, data_dir / "credentials.key")
         relay = Relay(queue, router=router, outbox=None if upstream else up.outbox,
                       retry_seconds=up.retry_seconds, now=now, vault=vault,
-                      online=nic_online, hostname=config.smtp.hostname)
+                      online=nic_online, hostname=config.smtp.hostname, keys=keys)
         relay.connect = supervisor.watch_connect(relay.connect)  # upstream down: LED "fault"
         await nursery.start(supervisor.supervise, "relay", relay.run)
         await nursery.start(supervisor.supervise, "queue", queue.run)

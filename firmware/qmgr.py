@@ -17,6 +17,7 @@ from typing import AsyncIterator, Callable
 import trio
 
 from firmware import policy
+from firmware.credentials import KeyStore
 from firmware.netaddr import normalize_ip
 from firmware.wal import Accept, Finish, Log, Recovered, Update
 
@@ -190,8 +191,12 @@ class HoldQueue:
         now: Callable[[], float] | None = None,
         audit=None,
         on_change: Callable[[], None] | None = None,
+        keys: KeyStore | None = None,
     ) -> None:
         self._log = store
+        # Wrapped keys of sealed credentials (B9), outside the log; without a key store the
+        # sealed credentials go into the log whole.
+        self._keys = keys
         self.hold_seconds = hold_seconds
         self.max_messages = max_messages
         self.max_bytes = max_bytes
@@ -233,6 +238,13 @@ class HoldQueue:
         if self._messages:
             log.info("recovered %d message(s), on_boot=%s", len(self._messages), on_boot)
         return len(self._messages)
+
+    async def remove_orphan_keys(self) -> int:
+        """After recover(), before any mail is accepted: remove the key files of messages that
+        are not held (finished just before a crash, or never accepted), B9."""
+        if self._keys is None:
+            return 0
+        return await trio.to_thread.run_sync(self._keys.remove_all_but, set(self._messages))
 
     # -- capacity (S10) -----------------------------------------------------------------------
 
@@ -288,6 +300,25 @@ class HoldQueue:
         destination: tuple | None = None,
     ) -> Message:
         """Make a received message durable (the caller answers 250 only after this returns)."""
+        if credentials is not None and self._keys is not None:
+            # The wrapped key is durable in its own file before the record that needs it.
+            credentials = await self._keys.keep(id, credentials)
+        try:
+            return await self._accept(id, client_ip=client_ip, sender=sender,
+                                      recipients=recipients, summary=summary, size=size,
+                                      hold=hold, mail_options=mail_options,
+                                      credentials=credentials, destination=destination)
+        except BaseException:
+            if credentials is not None:
+                # Not accepted (or not known to be): its key goes now, else on the next boot.
+                with trio.CancelScope(shield=True):
+                    await self._destroy_key(id)
+            raise
+
+    async def _accept(self, id: bytes, *, client_ip: str, sender: str,
+                      recipients: tuple[str, ...], summary: dict, size: int, hold: bool,
+                      mail_options: dict, credentials: dict | None,
+                      destination: tuple | None) -> Message:
         now = self._now()
         msg = Message(
             id=id,
@@ -348,6 +379,7 @@ class HoldQueue:
             self._set_state(msg, HELD)
             self._schedule(msg)
             raise
+        await self._destroy_key_of(msg)  # before it leaves: gone from the queue, gone from disk
         self._remove(msg)
         self.counters["cancelled"] += 1
         self._record("cancel", msg)
@@ -441,12 +473,13 @@ class HoldQueue:
 
     async def finish(self, id: bytes, outcome: str, **details) -> None:
         """Delivery is over: "delivered", "bounced" (a bounce went to the sender) or "failed"
-        (no bounce: a null sender, or the bounce itself failed). The Finish record is also the
-        end of the message's sealed credentials (B9): the log drops them with the message."""
+        (no bounce: a null sender, or the bounce itself failed). Once the Finish record is
+        durable, the message's key file is destroyed, and with it its credentials (B9)."""
         msg = self._messages.get(id)
         if msg is None:
             return
         await self._log.commit(Finish(id, outcome))
+        await self._destroy_key_of(msg)
         if self._messages.get(id) is msg:
             self._remove(msg)
         self.counters["delivered" if outcome == "delivered" else "failed"] += 1
@@ -495,6 +528,16 @@ class HoldQueue:
         if msg.held and self._messages.get(msg.id) is msg:
             self._held_count += (state is HELD) - (msg.state is HELD)
         msg.state = state
+
+    async def _destroy_key_of(self, msg: Message) -> None:
+        """Crypto-shredding (B9): called once the message's Finish record is durable."""
+        if msg.credentials is not None:
+            with trio.CancelScope(shield=True):  # bounded: an unlink and a directory sync
+                await self._destroy_key(msg.id)
+
+    async def _destroy_key(self, id: bytes) -> None:
+        if self._keys is not None:
+            await self._keys.destroy(id)
 
     def _schedule(self, msg: Message) -> None:
         heapq.heappush(self._timers, (msg.release_at, msg.id))

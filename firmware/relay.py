@@ -22,7 +22,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import trio
 
 from firmware import dsn
-from firmware.credentials import CredentialsError, Vault
+from firmware.credentials import CredentialsError, KeyDestroyed, KeyStore, Vault
 from firmware.qmgr import Delivery, HoldQueue
 from firmware.routes import Route, Router
 from firmware.smtp import (
@@ -258,7 +258,8 @@ class Relay:
                  router: Router | None = None, outbox: Path | None = None,
                  retry_seconds: float, now: Callable[[], float], workers: int = WORKERS,
                  vault: Vault | None = None, online: Callable[[], bool] = lambda: True,
-                 connect: Connect = trio.open_tcp_stream, hostname: str = "matte.local") -> None:
+                 connect: Connect = trio.open_tcp_stream, hostname: str = "matte.local",
+                 keys: KeyStore | None = None) -> None:
         self.queue = queue
         self.router = router or Router(default=upstream)
         self.outbox = outbox
@@ -266,6 +267,7 @@ class Relay:
         self.now = now
         self.workers = workers
         self.vault = vault
+        self.keys = keys  # the messages' wrapped keys (B9), read for each attempt
         self.online = online  # the board's NIC: bounces wait while it is down
         self.connect = connect  # the network; tests put memory streams here
         self.hostname = hostname
@@ -343,7 +345,16 @@ class Relay:
                                          lambda: self.queue.read_body(d.id))
                 return dict.fromkeys(recipients, Reply.of(250, "2.0.0 written to outbox"))
             try:
-                credentials = self._credentials(d)
+                credentials = await self._credentials(d)
+            except KeyDestroyed as exc:
+                if route.username is None:
+                    log.error("message %s: its sender's credentials are gone (%s) and the route "
+                              "%s has none configured: not sent", d.id.hex(), exc,
+                              route.describe())
+                    return dict.fromkeys(recipients, CREDENTIALS_GONE)
+                log.warning("message %s: its sender's credentials are gone (%s): sent with the "
+                            "credentials configured for %s", d.id.hex(), exc, route.describe())
+                credentials = None  # the transaction logs in with the route's own
             except CredentialsError as exc:
                 log.error("message %s: its sender's credentials cannot be opened: %s",
                           d.id.hex(), exc)
@@ -361,12 +372,13 @@ class Relay:
             log.info("delivery of %s deferred: %s", d.id.hex(), text)
             return dict.fromkeys(recipients, temporary(text))
 
-    def _credentials(self, d: Delivery) -> tuple[str, str] | None:
+    async def _credentials(self, d: Delivery) -> tuple[str, str] | None:
         if d.credentials is None:
             return None
         if self.vault is None:
             raise CredentialsError("no device key to open them with")
-        return self.vault.open(d.id, d.credentials)
+        wrapped = await self.keys.wrapped_key(d.id) if self.keys is not None else None
+        return self.vault.open(d.id, d.credentials, wrapped)
 
     # -- the bounce (S11) ---------------------------------------------------------------------
 
@@ -413,7 +425,11 @@ class Relay:
                 await self._write_outbox(f"{d.id.hex()}.bounce", "", envelope.recipients,
                                          content)
                 return "sent"
-            reply = (await transaction(route, self._credentials(d), envelope, content,
+            try:
+                credentials = await self._credentials(d)
+            except KeyDestroyed:
+                credentials = None  # the sender must still learn: the route's own, or none
+            reply = (await transaction(route, credentials, envelope, content,
                                        connect=self.connect))[d.sender]
         except Unreachable as exc:
             log.info("message %s: bounce waits, the upstream is unreachable: %s",
@@ -463,6 +479,8 @@ class Relay:
 NO_ROUTE = Reply.of(554, "5.4.4 No upstream server for this message (not an intercepted "
                     "connection, and no upstream.host)")
 BAD_CREDENTIALS = Reply.of(554, "5.7.0 The sender's stored credentials cannot be read")
+CREDENTIALS_GONE = Reply.of(554, "5.7.0 The sender's stored credentials are gone (their key "
+                            "was lost) and no credentials are configured for this route")
 
 
 def _reasons(failures: dict[str, list]) -> str:

@@ -154,6 +154,7 @@ async def test_a_clients_password_is_checked_live_and_used_after_the_hold(
     key = data_dir / "credentials.key"
     assert key.stat().st_mode & 0o777 == 0o600
     assert not key.is_relative_to(data_dir / "store")
+    assert list((data_dir / "keys").iterdir()) == []  # the message's own key is destroyed
 
 
 async def test_an_upstream_certificate_that_does_not_verify_is_a_clear_4xx(
