@@ -298,8 +298,12 @@ class HoldQueue:
         mail_options: dict,
         credentials: dict | None = None,
         destination: tuple | None = None,
+        reservation: Reservation | None = None,
     ) -> Message:
-        """Make a received message durable (the caller answers 250 only after this returns)."""
+        """Make a received message durable (the caller answers 250 only after this returns).
+
+        The message takes over `reservation`'s room in the same step, so it is never counted
+        twice (the LED would flicker to "queue full" and back)."""
         if credentials is not None and self._keys is not None:
             # The wrapped key is durable in its own file before the record that needs it.
             credentials = await self._keys.keep(id, credentials)
@@ -307,7 +311,8 @@ class HoldQueue:
             return await self._accept(id, client_ip=client_ip, sender=sender,
                                       recipients=recipients, summary=summary, size=size,
                                       hold=hold, mail_options=mail_options,
-                                      credentials=credentials, destination=destination)
+                                      credentials=credentials, destination=destination,
+                                      reservation=reservation)
         except BaseException:
             if credentials is not None:
                 # Not accepted (or not known to be): its key goes now, else on the next boot.
@@ -318,7 +323,7 @@ class HoldQueue:
     async def _accept(self, id: bytes, *, client_ip: str, sender: str,
                       recipients: tuple[str, ...], summary: dict, size: int, hold: bool,
                       mail_options: dict, credentials: dict | None,
-                      destination: tuple | None) -> Message:
+                      destination: tuple | None, reservation: Reservation | None) -> Message:
         now = self._now()
         msg = Message(
             id=id,
@@ -340,6 +345,8 @@ class HoldQueue:
             msg.apply({"released": now})
             meta["released"] = now
         await self._log.commit(Accept(id, size, meta))
+        if reservation is not None:
+            reservation.close()
         self._add(msg)
         self.counters["accepted"] += 1
         self.counters["held" if hold else "passed"] += 1

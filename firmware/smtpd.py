@@ -472,6 +472,7 @@ class Session:
                     size=tx.size,
                     hold=decision.hold,
                     mail_options=tx.options,
+                    reservation=tx.reservation,
                     credentials=self._sealed_credentials(tx.id),
                     destination=self._destination(),
                 )

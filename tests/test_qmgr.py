@@ -169,3 +169,18 @@ async def test_delivery_outcomes_finish_the_message(nursery, autojump_clock):
     await queue.finish(msg.id, "delivered")
     assert not queue.is_pending(msg.id)
     assert queue.store_status()["messages"] == 0
+
+
+async def test_an_accepted_message_takes_over_its_reservation(nursery):
+    _, queue = await open_queue(MemoryStore(), nursery, max_messages=2, max_bytes=100)
+    reservation = queue.reserve(10)
+    id = os.urandom(16)
+    await queue.write_body(id, 0, b"x" * 10)
+    await queue.accept(id, client_ip="127.0.0.1", sender="s@lan.example",
+                       recipients=("r@ext.example",), summary={}, size=10, hold=True,
+                       mail_options={}, reservation=reservation)
+    # Counted once: as a stored message, no longer as a reservation.
+    assert queue.usage().messages == 1 and queue.usage().bytes == 10
+    assert not queue.is_full()
+    reservation.close()  # the session's own cleanup afterwards changes nothing
+    assert queue.usage().messages == 1
