@@ -276,12 +276,14 @@ class Session:
             try:
                 event = conn.next_event()
             except RemoteProtocolError as exc:
+                self.waiting.deadline = math.inf
                 await self._protocol_error(exc)
                 continue
             if event is NEED_DATA:
                 await self._flush()
                 await self._receive()
                 continue
+            self.waiting.deadline = math.inf  # a whole command: our own work has no deadline
             if event is PAUSED:  # cannot happen: every command is answered before the next
                 raise RuntimeError("SMTP connection paused with no reply pending")
             if isinstance(event, ConnectionClosed):
@@ -296,11 +298,12 @@ class Session:
                 conn.tls_started()
 
     async def _receive(self) -> None:
-        timeout = DATA_BLOCK_TIMEOUT if self.tx and self.tx.id else COMMAND_TIMEOUT
-        self.waiting.deadline = trio.current_time() + timeout
-        data = await self.stream.receive_some(RECEIVE_SIZE)
-        self.waiting.deadline = math.inf
-        self.conn.receive_data(data)
+        if self.waiting.deadline == math.inf:
+            # Armed once per command or data block, not per read: a client trickling a command
+            # a byte at a time gets no longer than one that sends nothing.
+            timeout = DATA_BLOCK_TIMEOUT if self.tx and self.tx.id else COMMAND_TIMEOUT
+            self.waiting.deadline = trio.current_time() + timeout
+        self.conn.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
 
     async def _handshake(self) -> bool:
         assert self.service.tls_context is not None

@@ -62,6 +62,20 @@ async def test_an_idle_client_is_cut_off_after_the_command_timeout(nursery, auto
     assert await client.stream.receive_some(100) == b""  # and the connection closed
 
 
+async def test_a_client_trickling_a_command_gets_no_more_time(nursery, autojump_clock):
+    client, _, _ = await open_session(nursery)
+    start = trio.current_time()
+
+    async def trickle():
+        for byte in b"NOOP and more and more and more and more and more":
+            await client.stream.send_all(bytes([byte]))
+            await trio.sleep(60)
+
+    nursery.start_soon(trickle)
+    assert (await client.reply()).startswith(b"421 4.4.2")
+    assert trio.current_time() - start == COMMAND_TIMEOUT
+
+
 async def test_pipelined_commands_are_answered_in_order_in_one_write(nursery):
     client, queue, _ = await open_session(nursery)
     await client.stream.send_all(
