@@ -10,6 +10,8 @@ never for a null sender; bounces wait while the gateway is offline.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ from firmware.qmgr import Delivery, HoldQueue
 from firmware.routes import Route, Router
 from firmware.smtp import (
     CLIENT,
+    CLOSED,
     NEED_DATA,
     Auth,
     AuthResponse,
@@ -42,6 +45,7 @@ from firmware.smtp import (
     RcptTo,
     RemoteProtocolError,
     Reply,
+    Rset,
     StartTLS,
     parse_ehlo_reply,
 )
@@ -56,6 +60,11 @@ FIRST_RETRY = 30.0
 MAX_RETRY_INTERVAL = 300.0
 OFFLINE_POLL = 10.0  # how often a waiting bounce looks whether the gateway is back online
 WORKERS = 8
+# Upstream sessions kept open between messages for the same route and credentials, as Postfix's
+# connection cache does: closed after this long idle, never reused after POOL_MAX_AGE.
+POOL_IDLE_SECONDS = 5.0
+POOL_MAX_AGE = 300.0
+POOL_MAX_IDLE = WORKERS
 HEADERS_READ = dsn.MAX_ORIGINAL_HEADERS + 4  # what of a body is read for its bounce
 
 Connect = Callable[[str, int], Awaitable[trio.abc.Stream]]
@@ -71,6 +80,10 @@ class Unreachable(UpstreamError):
 
 class CertificateNotVerified(UpstreamError):
     """The upstream's TLS certificate did not verify: never send through it (a 4xx)."""
+
+
+class StaleConnection(UpstreamError):
+    """A pooled session did not answer RSET with 250: the upstream closed it meanwhile."""
 
 
 # Everything a delivery attempt may raise that means "try again later".
@@ -94,6 +107,7 @@ class SmtpClient:
         self.conn = Connection(CLIENT)
         self.stream: trio.abc.Stream | None = None
         self.extensions: dict[str, str] = {}
+        self.opened_at = trio.current_time()
 
     async def connect(self) -> None:
         route = self.route
@@ -160,6 +174,16 @@ class SmtpClient:
         assert self.stream is not None
         await self.stream.send_all(self.conn.send(event))
 
+    async def send_batch(self, events) -> None:
+        """Several commands in one write (RFC 2920 pipelining); replies come in order."""
+        assert self.stream is not None
+        await self.stream.send_all(b"".join([self.conn.send(e) for e in events]))
+
+    @property
+    def closed(self) -> bool:
+        """The upstream ended the session (421) or its protocol state broke."""
+        return self.stream is None or self.conn.state is CLOSED
+
     async def command(self, event, timeout: float = REPLY_TIMEOUT) -> Reply:
         await self.send(event)
         return await self.reply(timeout)
@@ -189,8 +213,16 @@ class SmtpClient:
                 pass  # a STARTTLS whose handshake failed: nothing more may be said
             except TEMPORARY_ERRORS:
                 pass
+        await self.abort()
+
+    async def abort(self) -> None:
+        """Close without QUIT: a session left in an unknown state must not be reused, and an
+        unfinished DATA is abandoned by closing (RFC 5321 3.8)."""
+        stream, self.stream = self.stream, None
+        if stream is None:
+            return
         with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await self.stream.aclose()
+            await stream.aclose()
 
 
 @dataclass(frozen=True)
@@ -204,53 +236,187 @@ class Envelope:
 
 async def transaction(route: Route, credentials: tuple[str, str] | None, envelope: Envelope,
                       content: Callable[[], AsyncIterator[bytes]], *,
-                      connect: Connect = trio.open_tcp_stream) -> dict[str, Reply]:
-    """One SMTP session: a reply per recipient (4xx/5xx for each one that did not get it).
+                      connect: Connect = trio.open_tcp_stream, pool: "ConnectionPool | None" = None,
+                      canonical: bool = False) -> dict[str, Reply]:
+    """One mail transaction: a reply per recipient (4xx/5xx for each one that did not get it).
+
+    With a pool, an open session for the same route and credentials is used when there is one
+    (RSET first; one that does not answer it is dropped and a new session opened), and a
+    session that ends cleanly goes back to it. `canonical`: the content has CRLF line ends
+    only (read from the store: DATA refused anything else), so it is only dot-stuffed.
 
     Raises Unreachable when there is no connection at all and the other UpstreamErrors when the
     session broke; the caller decides what that means.
     """
+    login = credentials or (
+        (route.username, route.password or "") if route.username is not None else None)
+    key = pool.key(route, login) if pool is not None else None
+    if pool is not None:
+        client = pool.take(key)
+        if client is not None:
+            try:
+                results = await _mail(client, envelope, content, canonical, reset=True)
+            except StaleConnection as exc:
+                log.debug("pooled session to %s dropped: %s", route.describe(), exc)
+                await client.abort()
+            except BaseException:
+                await client.quit()
+                raise
+            else:
+                await pool.give(key, client)
+                return results
     client = SmtpClient(route, connect)
-    recipients = envelope.recipients
+    keep = False
     try:
         await client.connect()
-        login = credentials or (
-            (route.username, route.password or "") if route.username is not None else None)
         if login is not None:
             reply = await client.login(*login)
             if reply.code != 235:
-                return dict.fromkeys(recipients, reply)
-        ext = client.extensions
-        mail = MailFrom(
-            envelope.sender,
-            size=envelope.size if "SIZE" in ext else None,
-            body=envelope.body if "8BITMIME" in ext else None,
-            smtputf8=envelope.smtputf8 and "SMTPUTF8" in ext,
-        )
+                return dict.fromkeys(envelope.recipients, reply)
+        results = await _mail(client, envelope, content, canonical, reset=False)
+        keep = pool is not None and not client.closed
+        return results
+    finally:
+        if keep:
+            await pool.give(key, client)
+        else:
+            await client.quit()
+
+
+async def _mail(client: SmtpClient, envelope: Envelope,
+                content: Callable[[], AsyncIterator[bytes]], canonical: bool, *,
+                reset: bool) -> dict[str, Reply]:
+    """MAIL, RCPT, DATA on a greeted session (after RSET when it is reused). Raises
+    StaleConnection only when RSET was not answered with 250: nothing was sent then."""
+    ext = client.extensions
+    recipients = envelope.recipients
+    mail = MailFrom(
+        envelope.sender,
+        size=envelope.size if "SIZE" in ext else None,
+        body=envelope.body if "8BITMIME" in ext else None,
+        smtputf8=envelope.smtputf8 and "SMTPUTF8" in ext,
+    )
+    pipelining = "PIPELINING" in ext
+    if reset:
+        try:
+            if pipelining:  # RFC 2920: RSET, MAIL, every RCPT and DATA in one write
+                await client.send_batch([Rset(), mail, *map(RcptTo, recipients), Data()])
+            else:
+                await client.send(Rset())
+            reply = await client.reply(CONNECT_TIMEOUT)
+        except TEMPORARY_ERRORS as exc:
+            raise StaleConnection(f"{type(exc).__name__}: {exc}") from None
+        if reply.code != 250:
+            raise StaleConnection(f"RSET answered {reply.code} {reply.text}")
+    elif pipelining:
+        await client.send_batch([mail, *map(RcptTo, recipients), Data()])
+    if pipelining:
+        reply = await client.reply()
+        if client.closed:  # 421: the session is over, nothing more will be answered
+            return dict.fromkeys(recipients, reply)
+        results: dict[str, Reply] = {}
+        for r in recipients:
+            results[r] = await client.reply()
+            if client.closed:
+                return {**results, **dict.fromkeys(recipients[len(results):], results[r])}
+        data_reply = await client.reply()
+        if reply.code != 250:
+            results = dict.fromkeys(recipients, reply)
+        accepted = [r for r in recipients if results[r].code < 400]
+        if data_reply.code == 354 and (reply.code != 250 or not accepted):
+            await client.abort()  # DATA accepted with nothing to send: abandon it, never "."
+            return results
+    else:
         reply = await client.command(mail)
         if reply.code != 250:
             return dict.fromkeys(recipients, reply)
-        results: dict[str, Reply] = {}
-        if "PIPELINING" in ext:
-            for r in recipients:
-                await client.send(RcptTo(r))
-            for r in recipients:
-                results[r] = await client.reply()
-        else:
-            for r in recipients:
-                results[r] = await client.command(RcptTo(r))
+        results = {}
+        for r in recipients:
+            results[r] = await client.command(RcptTo(r))
         accepted = [r for r in recipients if results[r].code < 400]
         if not accepted:
             return results
-        reply = await client.command(Data())
-        if reply.code != 354:
-            return {**results, **dict.fromkeys(accepted, reply)}
-        async for chunk in content():
-            await client.send(DataChunk(chunk))
-        reply = await client.command(EndOfData(), DATA_END_TIMEOUT)
-        return {**results, **dict.fromkeys(accepted, reply)}
-    finally:
+        data_reply = await client.command(Data())
+    if not accepted:
+        return results
+    if data_reply.code != 354:
+        return {**results, **dict.fromkeys(accepted, data_reply)}
+    async for chunk in content():
+        await client.send(DataChunk(chunk, canonical))
+    reply = await client.command(EndOfData(), DATA_END_TIMEOUT)
+    return {**results, **dict.fromkeys(accepted, reply)}
+
+
+class ConnectionPool:
+    """Idle upstream sessions, greeted and logged in, by route and credentials. A session is in
+    here or with the one transaction using it, never both; it comes back only after a
+    transaction that ended cleanly (not 421, no error)."""
+
+    def __init__(self, *, idle_seconds: float = POOL_IDLE_SECONDS,
+                 max_age: float = POOL_MAX_AGE, max_idle: int = POOL_MAX_IDLE) -> None:
+        self.idle_seconds = idle_seconds
+        self.max_age = max_age
+        self.max_idle = max_idle
+        self._idle: dict[tuple, list[tuple[float, SmtpClient]]] = {}
+        self._count = 0
+        self._changed = trio.Event()
+        # Credentials are keyed by a keyed hash: the pool keeps no password.
+        self._secret = os.urandom(32)
+
+    def key(self, route: Route, login: tuple[str, str] | None) -> tuple:
+        who = None
+        if login is not None:
+            who = hmac.new(self._secret, "\0".join(login).encode(), hashlib.sha256).digest()
+        return (route.host, route.port, route.tls, route.helo, id(route.tls_context), who)
+
+    def take(self, key: tuple) -> SmtpClient | None:
+        sessions = self._idle.get(key)
+        if not sessions:
+            return None
+        _since, client = sessions.pop()  # the most recently used: the least likely to be gone
+        if not sessions:
+            del self._idle[key]
+        self._count -= 1
+        return client
+
+    async def give(self, key: tuple, client: SmtpClient) -> None:
+        now = trio.current_time()
+        if client.closed or now - client.opened_at >= self.max_age:
+            await client.quit()
+            return
+        self._idle.setdefault(key, []).append((now, client))
+        self._count += 1
+        self._changed.set()
+        while self._count > self.max_idle:
+            await self._close_oldest()
+
+    async def _close_oldest(self) -> None:
+        key = min(self._idle, key=lambda k: self._idle[k][0][0])
+        sessions = self._idle[key]
+        _since, client = sessions.pop(0)
+        if not sessions:
+            del self._idle[key]
+        self._count -= 1
         await client.quit()
+
+    async def run(self) -> None:
+        """Close sessions idle for idle_seconds; all of them when cancelled."""
+        try:
+            while True:
+                if not self._count:
+                    self._changed = trio.Event()
+                    await self._changed.wait()
+                    continue
+                oldest = min(sessions[0][0] for sessions in self._idle.values())
+                await trio.sleep_until(oldest + self.idle_seconds)
+                deadline = trio.current_time() - self.idle_seconds
+                while self._count and min(
+                        sessions[0][0] for sessions in self._idle.values()) <= deadline:
+                    await self._close_oldest()
+        finally:
+            with trio.CancelScope(shield=True):
+                while self._count:
+                    await self._close_oldest()
 
 
 class Relay:
@@ -271,11 +437,14 @@ class Relay:
         self.online = online  # the board's NIC: bounces wait while it is down
         self.connect = connect  # the network; tests put memory streams here
         self.hostname = hostname
+        self.pool: ConnectionPool | None = None  # upstream sessions reused while run() runs
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         if self.outbox is not None:
             self.outbox.mkdir(parents=True, exist_ok=True)
         async with trio.open_nursery() as nursery:
+            self.pool = ConnectionPool()
+            nursery.start_soon(self.pool.run)
             for _ in range(self.workers):
                 nursery.start_soon(self._worker)
             task_status.started()
@@ -362,7 +531,8 @@ class Relay:
             envelope = Envelope(d.sender, recipients, d.size, d.mail_options.get("body"),
                                 bool(d.mail_options.get("smtputf8")))
             return await transaction(route, credentials, envelope,
-                                     lambda: self.queue.read_body(d.id), connect=self.connect)
+                                     lambda: self.queue.read_body(d.id), connect=self.connect,
+                                     pool=self.pool, canonical=True)
         except CertificateNotVerified as exc:
             # Said loudly: nothing goes out until the certificate (or ca_file) is fixed.
             log.warning("delivery of %s deferred: %s", d.id.hex(), exc)
@@ -430,7 +600,7 @@ class Relay:
             except KeyDestroyed:
                 credentials = None  # the sender must still learn: the route's own, or none
             reply = (await transaction(route, credentials, envelope, content,
-                                       connect=self.connect))[d.sender]
+                                       connect=self.connect, pool=self.pool))[d.sender]
         except Unreachable as exc:
             log.info("message %s: bounce waits, the upstream is unreachable: %s",
                      d.id.hex(), exc)

@@ -161,9 +161,15 @@ class Data(Event):
 
 @dataclass(frozen=True, slots=True)
 class DataChunk(Event):
-    """Message content: unstuffed, CRLF line endings, no terminating dot."""
+    """Message content: unstuffed, CRLF line endings, no terminating dot.
+
+    Sent by a client, content with bare CR or LF is made canonical first. ``canonical=True``
+    says the sender knows it already is (content read by this package's server side, which
+    refuses bare CR/LF, and stored as read): the pass that looks for them is skipped.
+    Dot-stuffing is done either way."""
 
     data: bytes
+    canonical: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         _require_bytes(self, "data", self.data)

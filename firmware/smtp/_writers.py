@@ -85,6 +85,24 @@ def _crlf_only(data: bytes) -> bool:
     return len(data) - sum(map(len, lines)) == 2 * ends
 
 
+# Dots looked at one by one before stuffing falls back to one replace over the whole chunk.
+_DOT_PROBES = 8
+
+
+def _stuff_dots(data: bytes) -> bytes:
+    """Another "." before every line-inner "\n." (the chunk's first byte is the caller's).
+    Most content has few dots: finding them with memchr and looking at the byte before is
+    about a hundred times faster than the two-byte search of replace()."""
+    i = data.find(b".", 1)
+    for _ in range(_DOT_PROBES):
+        if i == -1:
+            return data
+        if data[i - 1] == 0x0A:
+            break
+        i = data.find(b".", i + 1)
+    return data.replace(b"\n.", b"\n..")
+
+
 class DotStuffer:
     """Canonical CRLF and dot-stuffing for outgoing content, across chunks.
 
@@ -99,7 +117,8 @@ class DotStuffer:
         self.line_start = True  # the DATA command's CRLF starts the first line
         self.pending_cr = False
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes, canonical: bool = False) -> bytes:
+        """`canonical`: the caller knows `data` has no bare CR or LF (see DataChunk)."""
         if self.pending_cr:
             data = b"\r" + data
             self.pending_cr = False
@@ -108,10 +127,10 @@ class DotStuffer:
             self.pending_cr = True
         if not data:
             return b""
-        if not _crlf_only(data):
+        if not canonical and not _crlf_only(data):
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
             data = data.replace(b"\n", b"\r\n")
-        data = data.replace(b"\n.", b"\n..")
+        data = _stuff_dots(data)
         if self.line_start and data[:1] == b".":
             data = b"." + data
         self.line_start = data.endswith(b"\n")

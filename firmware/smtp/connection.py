@@ -314,7 +314,8 @@ class Connection:
             if self._stuffer is None:
                 raise LocalProtocolError("message content needs a 354 reply to DATA first")
             if kind is DataChunk:
-                return self._stuffer.feed(event.data)  # type: ignore[attr-defined]
+                chunk: DataChunk = event  # type: ignore[assignment]
+                return self._stuffer.feed(chunk.data, chunk.canonical)
             data = self._stuffer.end()
             self._stuffer = None
             self._awaiting.append(EndOfData)

@@ -107,3 +107,54 @@ def test_stuffed_output_is_canonical_and_reads_back(body, cuts):
             got.append(chunk)
     expected = canonical if canonical.endswith(b"\r\n") or not canonical else canonical + b"\r\n"
     assert b"".join(got) == expected and reader.error is None
+
+
+DOTTY = st.sampled_from([b"\r\n", b".", b"..", b"\r\n.", b"a", b"a.b", b"\n", b"\r", b"x" * 40])
+
+
+@settings(max_examples=1000)
+@given(st.lists(DOTTY, max_size=40).map(b"".join))
+def test_dot_stuffing_by_probes_matches_replace(data):
+    from firmware.smtp._writers import _stuff_dots
+
+    assert _stuff_dots(data) == data.replace(b"\n.", b"\n..")
+
+
+@settings(max_examples=500)
+@given(st.lists(st.sampled_from([b"\r\n", b"\r\n.", b".", b"a.", b"xy", b"z" * 300]),
+                max_size=30).map(b"".join),
+       st.lists(st.integers(1, 400), max_size=6))
+def test_canonical_content_stuffed_the_same_without_the_crlf_pass(body, cuts):
+    """Content already canonical (what the server side stores) may skip the line-end pass:
+    the bytes on the wire are the same as with it, wherever the chunks are cut (also between
+    a CR and its LF)."""
+    wires = []
+    for canonical in (False, True):
+        stuffer, out, pos = DotStuffer(), [], 0
+        for cut in cuts:
+            out.append(stuffer.feed(body[pos:pos + cut], canonical))
+            pos += cut
+        out.append(stuffer.feed(body[pos:], canonical))
+        out.append(stuffer.end())
+        wires.append(b"".join(out))
+    assert wires[0] == wires[1]
+    assert wires[1].count(b"\n") == wires[1].count(b"\r") == wires[1].count(b"\r\n")
+
+
+def test_client_sends_canonical_chunks_dot_stuffed():
+    from firmware.smtp import CLIENT, Connection, Data, DataChunk, EndOfData, Hello, MailFrom
+    from firmware.smtp import RcptTo
+
+    conn = Connection(CLIENT)
+    conn.receive_data(b"220 hi\r\n")
+    assert conn.next_event().code == 220
+    for event, reply in [(Hello("EHLO", "a.example"), b"250 ok\r\n"),
+                         (MailFrom("a@a.example"), b"250 ok\r\n"),
+                         (RcptTo("b@b.example"), b"250 ok\r\n"), (Data(), b"354 go\r\n")]:
+        conn.send(event)
+        conn.receive_data(reply)
+        conn.next_event()
+    wire = conn.send(DataChunk(b".one\r\ntwo\r\n", canonical=True))
+    wire += conn.send(DataChunk(b".three\r\n", canonical=True)) + conn.send(EndOfData())
+    assert wire == b"..one\r\ntwo\r\n..three\r\n.\r\n"
+    assert DataChunk(b"x", canonical=True) == DataChunk(b"x")
