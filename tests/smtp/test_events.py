@@ -1,4 +1,5 @@
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from firmware.smtp import (
     Auth,
@@ -99,3 +100,36 @@ def test_event_normalisation():
     assert DataChunk(bytearray(b"x")).data == b"x"
     with pytest.raises(Exception):
         Hello("EHLO", "x").domain = "y"
+
+
+# The address character classes, as RFC 5321 / 6531 write them; the module writes them as
+# "any but these ASCII octets" (much faster to compile): the same sets.
+_U = "\u0080-\U0010ffff"
+_SPELLED_OUT = {
+    "ATEXT": rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~\-{_U}]",
+    "QTEXT": rf"[\x20\x21\x23-\x5b\x5d-\x7e{_U}]",
+    "LABEL_CHAR": rf"[A-Za-z0-9_\-{_U}]",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SPELLED_OUT))
+def test_address_classes_are_the_rfc_sets(name):
+    import re
+
+    from firmware.smtp import _events
+
+    ours, spelled = re.compile(getattr(_events, name)), re.compile(_SPELLED_OUT[name])
+    for c in [*range(0x800), 0xD7FF, 0xE000, 0xFFFD, 0xFFFF, 0x10000, 0x10FFFF]:
+        assert bool(ours.fullmatch(chr(c))) == bool(spelled.fullmatch(chr(c))), hex(c)
+
+
+@settings(max_examples=500)
+@given(st.characters())
+def test_address_classes_agree_on_any_character(char):
+    import re
+
+    from firmware.smtp import _events
+
+    for name, spelled in _SPELLED_OUT.items():
+        assert bool(re.fullmatch(getattr(_events, name), char)) == bool(
+            re.fullmatch(spelled, char)), (name, char)

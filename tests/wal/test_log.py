@@ -364,12 +364,14 @@ async def test_compaction_keeps_live_messages(tmp_path):
 
 
 async def test_read_body_survives_unlink(tmp_path):
-    body = os.urandom(600_000)
+    from firmware.wal.log import READ_CHUNK
+
+    body = os.urandom(2 * READ_CHUNK + 88_000)
     async with running(tmp_path, segment_bytes=4096) as (log, _):
         id = await put(log, body, chunk=65536)
         chunks = log.read_body(id)
         got = [await chunks.__anext__()]
-        assert len(got[0]) == 256 * 1024
+        assert len(got[0]) == READ_CHUNK
         await log.commit(Finish(id, "delivered"))
         for _ in range(3):
             await log.commit(Finish(await put(log, b"x" * 2000), "delivered"))
@@ -394,7 +396,7 @@ async def test_large_body_streams_in_bounded_memory(tmp_path):
             tracemalloc.reset_peak()
             back = hashlib.sha256()
             async for piece in log.read_body(id):
-                assert len(piece) <= 256 * 1024
+                assert len(piece) <= 512 * 1024
                 back.update(piece)
             _, peak_read = tracemalloc.get_traced_memory()
     finally:
