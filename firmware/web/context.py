@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import trio
+
 __all__ = ["HoldQueueLike", "HeldLike", "WebContext", "token_for"]
 
 
@@ -93,11 +95,19 @@ async def perform(ctx: WebContext, action: str, id: bytes, ip: str, seconds: int
 
 
 async def perform_all(ctx: WebContext, action: str, ip: str) -> int:
-    """Cancel or send every message the caller has held; how many it was."""
-    done = 0
-    for item in ctx.queue.held_for(ip):
-        done += await perform(ctx, action, item.id, ip)
-    return done
+    """Cancel or send every message the caller has held; how many it was.
+
+    All at once: their records then share the store's fsyncs (group commit) instead of
+    waiting for one fsync each."""
+    done: list[bool] = []
+
+    async def one(id: bytes) -> None:
+        done.append(await perform(ctx, action, id, ip))
+
+    async with trio.open_nursery() as nursery:
+        for item in ctx.queue.held_for(ip):
+            nursery.start_soon(one, item.id)
+    return sum(done)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
