@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from tests.integration.conftest import in_thread, wait_for
-from tests.integration.test_smuggling import VARIANTS, converse
+from tests.integration.test_smuggling import VARIANTS, converse, smuggling_attempt
 
 from .rawupstream import RawUpstream
 
@@ -29,15 +29,7 @@ OUTCOME: dict[bytes, str] = {}
 @pytest.mark.parametrize("variant", ALL, ids=[repr(v) for v in ALL])
 async def test_no_variant_smuggles_a_second_message(start_gateway, variant):
     running = await start_gateway(None, hold=3600)
-    payload = (
-        b"EHLO client.lan.example\r\n"
-        b"MAIL FROM:<alice@lan.example>\r\nRCPT TO:<bob@ext.example>\r\nDATA\r\n"
-        b"From: alice@lan.example\r\nSubject: outer\r\n\r\nhello" + variant +
-        b"MAIL FROM:<ceo@lan.example>\r\nRCPT TO:<victim@ext.example>\r\nDATA\r\n"
-        b"From: ceo@lan.example\r\nSubject: smuggled\r\n\r\npay now\r\n.\r\n"
-        b"QUIT\r\n"
-    )
-    replies = await converse(running.smtp[0][1], payload)
+    replies = await converse(running.smtp[0][1], smuggling_attempt(variant))
     held = running.queue.held_for("127.0.0.1")
     assert all(h.sender != "ceo@lan.example" and h.subject != "smuggled" for h in held)
     assert len(held) <= 1

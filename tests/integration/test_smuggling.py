@@ -22,10 +22,9 @@ async def converse(port: int, payload: bytes) -> bytes:
     return bytes(received)
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=[repr(v) for v in VARIANTS])
-async def test_smuggled_transaction_is_never_held(start_gateway, variant):
-    running = await start_gateway(None, hold=3600)
-    payload = (
+def smuggling_attempt(variant: bytes) -> bytes:
+    """One message whose text ends with `variant` and then a second, smuggled transaction."""
+    return (
         b"EHLO client.lan.example\r\n"
         b"MAIL FROM:<alice@lan.example>\r\nRCPT TO:<bob@ext.example>\r\nDATA\r\n"
         b"From: alice@lan.example\r\nSubject: outer\r\n\r\nhello" + variant +
@@ -33,7 +32,12 @@ async def test_smuggled_transaction_is_never_held(start_gateway, variant):
         b"From: ceo@lan.example\r\nSubject: smuggled\r\n\r\npay now\r\n.\r\n"
         b"QUIT\r\n"
     )
-    replies = await converse(running.smtp[0][1], payload)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[repr(v) for v in VARIANTS])
+async def test_smuggled_transaction_is_never_held(start_gateway, variant):
+    running = await start_gateway(None, hold=3600)
+    replies = await converse(running.smtp[0][1], smuggling_attempt(variant))
     held = running.queue.held_for("127.0.0.1")
     assert len(held) <= 1
     assert all(h.subject != "smuggled" for h in held)
