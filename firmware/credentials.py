@@ -36,6 +36,8 @@ import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from firmware import durable
+
 log = logging.getLogger("matte.credentials")
 
 KEY_BYTES = 32  # AES-256
@@ -145,7 +147,8 @@ class KeyStore:
         keep (the sealed credentials without the key). Call before the Accept record."""
         if "key" not in sealed:
             return sealed
-        await trio.to_thread.run_sync(_write_key, self.path(message_id), sealed["key"])
+        await trio.to_thread.run_sync(durable.write_file, self.path(message_id), sealed["key"],
+                                      0o600)
         await self._sync_directory()
         return {k: v for k, v in sealed.items() if k != "key"}
 
@@ -177,7 +180,7 @@ class KeyStore:
                 os.unlink(entry.path)
                 removed += 1
         if removed:
-            _fsync_directory(self.directory)
+            durable.fsync_directory(self.directory)
             log.info("removed %d key file(s) of messages no longer held", removed)
         return removed
 
@@ -191,20 +194,11 @@ class KeyStore:
             self._syncing = syncing = trio.Event()
             covered = self._done
             try:
-                await trio.to_thread.run_sync(_fsync_directory, self.directory)
+                await trio.to_thread.run_sync(durable.fsync_directory, self.directory)
                 self._synced = max(self._synced, covered)
             finally:
                 self._syncing = None
                 syncing.set()
-
-
-def _write_key(path: Path, wrapped: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, wrapped)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink(path: Path) -> None:
@@ -212,14 +206,6 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _encrypt(aead: AESGCM, data: bytes, message_id: bytes) -> bytes:
@@ -236,14 +222,9 @@ def _decrypt(aead: AESGCM, blob: bytes, message_id: bytes) -> bytes:
 def _create_key(path: Path) -> bytes:
     key = AESGCM.generate_key(bit_length=KEY_BYTES * 8)
     tmp = path.with_name(path.name + ".new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, key)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    durable.write_file(tmp, key, 0o600)
     # Appears whole or not at all, and only once durable: a key lost after a message was sealed
     # with it would make that message's credentials unreadable.
     os.replace(tmp, path)
-    _fsync_directory(path.parent)
+    durable.fsync_directory(path.parent)
     return key

@@ -9,9 +9,8 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 import trio

@@ -23,7 +23,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 
-from firmware import dsn
+from firmware import dsn, durable
 from firmware.credentials import CredentialsError, KeyDestroyed, KeyStore, Vault
 from firmware.qmgr import Delivery, HoldQueue
 from firmware.routes import Route, Router
@@ -641,7 +641,7 @@ class Relay:
             f.close()
             raise
         envelope = json.dumps({"from": sender, "to": list(recipients)}, ensure_ascii=False)
-        await trio.to_thread.run_sync(_write_durably, path.with_suffix(".envelope.json"),
+        await trio.to_thread.run_sync(durable.write_file, path.with_suffix(".envelope.json"),
                                       envelope.encode())
         await trio.to_thread.run_sync(_rename_durably, tmp, path)
 
@@ -663,20 +663,9 @@ def _sync_close(f) -> None:
     f.close()
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _rename_durably(src: Path, dst: Path) -> None:
     os.replace(src, dst)
-    fd = os.open(src.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    durable.fsync_directory(src.parent)
 
 
 async def check_credentials(route: Route | None, username: str, password: str, *,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from firmware import credentials as credentials_module
+from firmware import durable
 from firmware.credentials import CredentialsError, KeyDestroyed, KeyStore, Vault
 from firmware.qmgr import HoldQueue
 from firmware.relay import Relay
@@ -228,14 +228,14 @@ async def test_destroying_many_keys_at_once_shares_directory_syncs(tmp_path, mon
         await keys.keep(id, vault.seal(id, USER, PASSWORD))
     release = threading.Event()
     syncs = []
-    real_sync = credentials_module._fsync_directory
+    real_sync = durable.fsync_directory
 
     def held_sync(directory):
         syncs.append(len(os.listdir(directory)))
         release.wait(10)  # the first sync lasts until every unlink is done
         real_sync(directory)
 
-    monkeypatch.setattr(credentials_module, "_fsync_directory", held_sync)
+    monkeypatch.setattr(durable, "fsync_directory", held_sync)
     async with trio.open_nursery() as nursery:
         for id in ids:
             nursery.start_soon(keys.destroy, id)
