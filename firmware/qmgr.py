@@ -18,7 +18,7 @@ import trio
 from firmware import policy
 from firmware.credentials import KeyStore
 from firmware.netaddr import normalize_ip
-from firmware.wal import Accept, Finish, Log, Recovered, Update
+from firmware.wal import Accept, Finish, Log, Recovered, StoreError, Update
 
 log = logging.getLogger("matte.qmgr")
 
@@ -27,6 +27,8 @@ RELEASING = "releasing"  # its release record is being committed
 RELEASED = "released"  # handed to delivery
 CANCELLING = "cancelling"  # its cancel record is being committed
 
+# A release the store could not record is tried again after this long.
+RELEASE_RETRY_SECONDS = 5
 # How far a single extend may push a hold (B4): one day.
 MAX_EXTEND_SECONDS = 86400
 
@@ -511,7 +513,14 @@ class HoldQueue:
                 release_at, id = heapq.heappop(self._timers)
                 msg = self._messages.get(id)
                 if msg is not None and msg.state is HELD and msg.release_at == release_at:
-                    await self._release(msg, "timer")
+                    try:
+                        await self._release(msg, "timer")
+                    except StoreError as exc:
+                        # Still held (and scheduled again): try later rather than stop, since
+                        # a restart would send every held message at once (S7).
+                        log.error("could not release %s: %s; trying again in %d s",
+                                  id.hex(), exc, RELEASE_RETRY_SECONDS)
+                        await trio.sleep(RELEASE_RETRY_SECONDS)
                 now = self._now()
             delay = self._timers[0][0] - now if self._timers else math.inf
             with trio.move_on_after(delay):

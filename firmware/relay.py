@@ -49,6 +49,7 @@ from firmware.smtp import (
     StartTLS,
     parse_ehlo_reply,
 )
+from firmware.wal import StoreError
 
 log = logging.getLogger("matte.relay")
 
@@ -171,13 +172,18 @@ class SmtpClient:
         return await self.command(Auth("PLAIN", token))
 
     async def send(self, event) -> None:
-        assert self.stream is not None
+        self._check_open()
         await self.stream.send_all(self.conn.send(event))
 
     async def send_batch(self, events) -> None:
         """Several commands in one write (RFC 2920 pipelining); replies come in order."""
-        assert self.stream is not None
+        self._check_open()
         await self.stream.send_all(b"".join([self.conn.send(e) for e in events]))
+
+    def _check_open(self) -> None:
+        assert self.stream is not None
+        if self.conn.state is CLOSED:  # e.g. it answered 421: nothing more may be sent
+            raise UpstreamError("the upstream closed the session")
 
     @property
     def closed(self) -> bool:
@@ -438,6 +444,7 @@ class Relay:
         self.connect = connect  # the network; tests put memory streams here
         self.hostname = hostname
         self.pool: ConnectionPool | None = None  # upstream sessions reused while run() runs
+        self._sending = trio.CapacityLimiter(workers)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         if self.outbox is not None:
@@ -445,13 +452,22 @@ class Relay:
         async with trio.open_nursery() as nursery:
             self.pool = ConnectionPool()
             nursery.start_soon(self.pool.run)
-            for _ in range(self.workers):
-                nursery.start_soon(self._worker)
+            nursery.start_soon(self._dispatch, nursery)
             task_status.started()
 
-    async def _worker(self) -> None:
+    async def _dispatch(self, nursery: trio.Nursery) -> None:
+        # A task per released message: one waiting to retry, or a bounce waiting for the link,
+        # holds no sending slot, so it never holds up the rest of the mail.
         async for delivery in self.queue.deliveries:
-            await self.deliver(delivery)
+            nursery.start_soon(self._deliver_logged, delivery)
+
+    async def _deliver_logged(self, d: Delivery) -> None:
+        try:
+            await self.deliver(d)
+        except StoreError as exc:
+            # Its delivery could not be recorded: it stays released and unfinished in the store,
+            # so a restart tries it again (a recipient may then get it twice).
+            log.error("message %s: the store could not record its delivery: %s", d.id.hex(), exc)
 
     # -- one message --------------------------------------------------------------------------
 
@@ -506,6 +522,11 @@ class Relay:
 
     async def _attempt(self, d: Delivery, route: Route | None,
                        recipients: tuple[str, ...]) -> dict[str, Reply]:
+        async with self._sending:  # at most `workers` messages go out at once
+            return await self._attempt_now(d, route, recipients)
+
+    async def _attempt_now(self, d: Delivery, route: Route | None,
+                           recipients: tuple[str, ...]) -> dict[str, Reply]:
         if route is None and self.outbox is None:
             return dict.fromkeys(recipients, NO_ROUTE)
         try:
@@ -584,6 +605,11 @@ class Relay:
     async def _send_bounce(self, d: Delivery, route: Route | None, envelope: Envelope,
                            message: bytes) -> str:
         """"sent", "unreachable" (wait and try again), or why it failed for good."""
+        async with self._sending:
+            return await self._send_bounce_now(d, route, envelope, message)
+
+    async def _send_bounce_now(self, d: Delivery, route: Route | None, envelope: Envelope,
+                               message: bytes) -> str:
 
         async def content():
             yield message
@@ -690,6 +716,10 @@ async def check_credentials(route: Route | None, username: str, password: str, *
         await client.quit()
     if reply.code == 235:
         return Reply.of(235, "2.7.0 Authentication successful")
-    if reply.code == 334:  # a mechanism dialogue we cannot finish: not a success
-        return Reply.of(535, "5.7.8 Authentication credentials invalid")
-    return reply
+    if 400 <= reply.code < 600:
+        return reply  # the upstream's own refusal (535, 454...), passed on as it is
+    # Anything else (another 2xx, a 3xx dialogue we cannot finish) is not a success, and is not
+    # a reply our client may be sent at this point of its AUTH.
+    log.warning("unexpected answer to AUTH from %s: %d %s", route.describe(), reply.code,
+                reply.text)
+    return Reply.of(535, "5.7.8 Authentication credentials invalid")

@@ -253,6 +253,9 @@ class Session:
             self._reply(TOO_SLOW)
             with trio.move_on_after(5):
                 await self._flush()
+        except Exception:
+            # A defect met by one session ends that session, not the listener of everyone.
+            log.exception("session with %s failed; connection closed", self.peer_ip)
         finally:
             await self._abort_transaction()
             if isinstance(self.stream, PlainStream):
@@ -268,7 +271,8 @@ class Session:
             await self._serve_commands()
         if self.waiting.cancelled_caught:
             self._reply(TIMEOUT)
-        await self._flush()
+        with trio.move_on_after(DATA_BLOCK_TIMEOUT):  # a client that never reads
+            await self._flush()
 
     async def _serve_commands(self) -> None:
         conn = self.conn
@@ -280,7 +284,8 @@ class Session:
                 await self._protocol_error(exc)
                 continue
             if event is NEED_DATA:
-                await self._flush()
+                self._arm_deadline()  # before the flush: a client that never reads is waited
+                await self._flush()   # for no longer than one that never writes
                 await self._receive()
                 continue
             self.waiting.deadline = math.inf  # a whole command: our own work has no deadline
@@ -297,12 +302,14 @@ class Session:
                     return
                 conn.tls_started()
 
-    async def _receive(self) -> None:
+    def _arm_deadline(self) -> None:
         if self.waiting.deadline == math.inf:
             # Armed once per command or data block, not per read: a client trickling a command
             # a byte at a time gets no longer than one that sends nothing.
             timeout = DATA_BLOCK_TIMEOUT if self.tx and self.tx.id else COMMAND_TIMEOUT
             self.waiting.deadline = trio.current_time() + timeout
+
+    async def _receive(self) -> None:
         self.conn.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
 
     async def _handshake(self) -> bool:
@@ -479,7 +486,7 @@ class Session:
                     credentials=self._sealed_credentials(tx.id),
                     destination=self._destination(),
                 )
-        except StoreError as exc:
+        except (StoreError, OSError) as exc:  # OSError: the credentials' key file
             log.error("store failed, message from %s refused: %s", self.peer_ip, exc)
             await self._abort_transaction()
             return STORE_ERROR

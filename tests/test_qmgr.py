@@ -184,3 +184,25 @@ async def test_an_accepted_message_takes_over_its_reservation(nursery):
     assert not queue.is_full()
     reservation.close()  # the session's own cleanup afterwards changes nothing
     assert queue.usage().messages == 1
+
+
+async def test_a_release_the_store_cannot_record_is_tried_again(nursery, autojump_clock):
+    from firmware.qmgr import RELEASE_RETRY_SECONDS
+    from firmware.wal import StoreError
+
+    store = MemoryStore()
+    _, queue = await open_queue(store, nursery)
+    msg = await put(queue)
+    real_commit, failures = store.commit, []
+
+    async def commit_failing_once(record):
+        if isinstance(record, Update) and not failures:
+            failures.append(record)
+            raise StoreError("No space left on device")
+        await real_commit(record)
+
+    store.commit = commit_failing_once
+    start = trio.current_time()
+    delivery = await next_delivery(queue)  # the timer task survived the failure
+    assert delivery.id == msg.id and failures
+    assert trio.current_time() - start == pytest.approx(HOLD + RELEASE_RETRY_SECONDS, abs=0.01)

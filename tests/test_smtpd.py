@@ -156,3 +156,17 @@ async def test_a_client_outside_allowed_networks_is_refused(nursery):
     client = Client(theirs)
     assert (await client.reply()).startswith(b"554 5.7.1")
     assert await theirs.receive_some(100) == b""
+
+
+async def test_a_defect_in_one_session_ends_that_session_only(nursery):
+    async def broken(username, password, route):
+        raise RuntimeError("a defect")
+
+    client, queue, _ = await open_session(nursery, authenticate=broken)
+    await client.stream.send_all(b"EHLO c\r\n")
+    await client.reply()
+    await client.stream.send_all(b"AUTH PLAIN AHVzZXIAcGFzcw==\r\n")
+    assert await client.stream.receive_some(100) == b""  # closed, and nothing raised out
+    other, _, _ = await open_session(nursery)
+    await other.stream.send_all(b"NOOP\r\n")
+    assert (await other.reply()).startswith(b"250")

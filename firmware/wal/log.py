@@ -529,7 +529,11 @@ class Log:
         ticket = self._ticket
         self._enqueue(_Item(kind, record.id, record.to_payload(), record=record), sync=True)
         self._stats["commits"] += 1
-        await ticket.event.wait()
+        # Once queued the record will be written: the caller must learn how that went, so a
+        # cancelled caller cannot take back in memory what reaches the disk. The wait is bounded:
+        # the writer sets every ticket, and fails them all if it is stopped.
+        with trio.CancelScope(shield=True):
+            await ticket.event.wait()
         if ticket.error is not None:
             raise StoreError(str(ticket.error)) from ticket.error
         if kind == _ACCEPT and m.accept is not record:

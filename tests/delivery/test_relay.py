@@ -33,6 +33,7 @@ class FakeUpstream:
         self.rcpt = lambda address: "250 2.1.5 Ok"
         self.end_of_data = lambda: "250 2.0.0 Ok"
         self.bounce_rcpt = "250 2.1.5 Ok"  # what RCPT gets in a transaction from <>
+        self.ehlo = lambda: None  # a reply instead of the usual EHLO answer
         self.connections = 0
         self.received: list[tuple[str, list[str], bytes]] = []
         self.auth: list[bytes] = []
@@ -67,7 +68,12 @@ class FakeUpstream:
             while True:
                 command = await line()
                 verb = command[:4].upper()
-                if verb == b"EHLO":
+                special = self.ehlo() if verb == b"EHLO" else None
+                if special is not None:
+                    await say(special)
+                    if special.startswith("421"):
+                        return
+                elif verb == b"EHLO":
                     await say("250-upstream.example\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN")
                 elif verb == b"AUTH":
                     self.auth.append(command)
@@ -311,3 +317,26 @@ async def test_a_restart_neither_resends_nor_forgets_the_bounce(autojump_clock):
 
 def test_reply_timeout_is_bounded():
     assert math.isfinite(REPLY_TIMEOUT)
+
+
+async def test_messages_waiting_to_retry_do_not_hold_up_the_others(nursery, autojump_clock):
+    queue, store, upstream = await start(nursery)
+    upstream.rcpt = lambda address: ("451 4.7.1 greylisted" if address.startswith("slow")
+                                     else "250 2.1.5 Ok")
+    for i in range(12):  # more than the relay sends at once
+        await submit(queue, store, recipients=(f"slow{i}@ext.example",))
+    await trio.sleep(1)
+    quick = await submit(queue, store, recipients=("quick@ext.example",))
+    assert await until_finished(queue, quick) <= 2  # not after the others' retry window
+    assert ("s@lan.example", ["quick@ext.example"]) in upstream.deliveries()
+
+
+async def test_an_upstream_closing_the_session_defers_instead_of_crashing(nursery,
+                                                                          autojump_clock):
+    queue, store, upstream = await start(nursery)
+    busy = iter(["421 4.3.2 too busy"] * 2)
+    upstream.ehlo = lambda: next(busy, None)  # the first two sessions end at EHLO
+    id = await submit(queue, store)
+    await until_finished(queue, id)
+    assert outcome(store, id) == "delivered"
+    assert upstream.deliveries() == [("s@lan.example", ["a@ext.example"])]
