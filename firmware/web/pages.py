@@ -201,7 +201,7 @@ async def handle_page(ctx: WebContext, request: Request) -> Response | None:
                 store=ctx.queue.store_status(),
                 now=time.time(),
                 notice=notice,
-                count=int(count) if count.isdigit() and len(count) < 6 else 0,
+                count=int(count) if count.isascii() and count.isdigit() and len(count) < 6 else 0,
                 lang=lang,
             )
             response = Response.html(page)

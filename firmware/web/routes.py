@@ -22,6 +22,9 @@ __all__ = ["WebApp", "serve_web", "MAX_CONNECTIONS", "RateLimiter"]
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 256  # beyond it new connections are closed at once
+# From one address: so that one host (a WebSocket per tab, or a flood) cannot take every slot
+# and lock the others out of their page.
+MAX_CONNECTIONS_PER_IP = 32
 
 
 class RateLimiter:
@@ -198,6 +201,7 @@ async def serve_web(
             await listener.aclose()
         raise
     limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
+    per_ip: dict[str, int] = {}
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
@@ -214,12 +218,22 @@ async def serve_web(
             except (OSError, ValueError):
                 await stream.aclose()
                 return
-            served: trio.abc.Stream = stream
-            if tls_context is not None:
-                # The handshake happens on first use, under the request deadline.
-                served = trio.SSLStream(stream, tls_context, server_side=True,
-                                        https_compatible=True)
-            await serve_connection(served, app, ip, local_ip, scheme)
+            if per_ip.get(ip, 0) >= MAX_CONNECTIONS_PER_IP:
+                app.ctx.count("connections_refused")
+                await stream.aclose()
+                return
+            per_ip[ip] = per_ip.get(ip, 0) + 1
+            try:
+                served: trio.abc.Stream = stream
+                if tls_context is not None:
+                    # The handshake happens on first use, under the request deadline.
+                    served = trio.SSLStream(stream, tls_context, server_side=True,
+                                            https_compatible=True)
+                await serve_connection(served, app, ip, local_ip, scheme)
+            finally:
+                per_ip[ip] -= 1
+                if not per_ip[ip]:
+                    del per_ip[ip]
         except Exception:
             # One broken connection must never take the listener down.
             log.exception("web: connection failed")

@@ -1,10 +1,11 @@
 """The page is a LAN page without login: each defence here is tested to fail when removed."""
 
 import pytest
+import trio
 
 from firmware.web import token_for
 
-from .conftest import SECRET, make_app, request
+from .conftest import SECRET, connect, make_app, request
 
 A, B = "127.0.0.1", "127.0.0.2"
 
@@ -139,3 +140,20 @@ async def test_forwarded_headers_never_change_scope(port, queue):
         value = "for=127.0.0.2" if header == "Forwarded" else B
         reply = await request(port, "GET", "/api/held", headers={header: value})
         assert reply.json()["held"] == []
+
+
+async def test_one_address_cannot_take_every_connection(port):
+    from firmware.web.routes import MAX_CONNECTIONS_PER_IP
+
+    idle = [await connect(port) for _ in range(MAX_CONNECTIONS_PER_IP)]
+    try:
+        with trio.fail_after(10):
+            over = await connect(port)
+            assert await over.receive_some(100) == b""  # closed at once, nothing served
+            await over.aclose()
+        reply = await request(port, "GET", "/api/held", source="127.0.0.2")
+        assert reply.status == 200  # another host still gets its page
+    finally:
+        for stream in idle:
+            await stream.aclose()
+    assert (await request(port, "GET", "/api/held")).status == 200  # and ours again after
