@@ -183,7 +183,11 @@ class DataChunk(Event):
 
 @dataclass(frozen=True, slots=True)
 class EndOfData(Event):
-    pass
+    """The end of message content. From a server connection, ``dot_lines`` says whether a
+    line of the content read starts with "." (it must be dot-stuffed when sent on); content
+    without one goes on the wire exactly as read. Ignored when a client sends it."""
+
+    dot_lines: bool = field(default=True, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -289,14 +289,19 @@ class DataReader:
     DATA command's CRLF counts) ends the message. Content with a bare CR/LF, a
     NUL or an over-long line is consumed and dropped until the end, where
     ``error`` says why. Never keeps more than 4 bytes between calls.
+
+    The content read is empty or ends with CRLF (the one before the end
+    marker); ``dot_lines`` says whether a line of it starts with "." (it had
+    to be dot-stuffed on the wire, and must be again when sent on).
     """
 
-    __slots__ = ("line_start", "line_len", "error")
+    __slots__ = ("line_start", "line_len", "error", "dot_lines")
 
     def __init__(self) -> None:
         self.line_start = True  # the previous bytes were CRLF
         self.line_len = 0  # raw octets of the current line so far
         self.error: RemoteProtocolError | None = None
+        self.dot_lines = False
 
     def read(self, buf: bytearray) -> tuple[bytes | None, bool]:
         if not buf:
@@ -331,8 +336,11 @@ class DataReader:
         del buf[:cut]
         if self.line_start and chunk[:1] == b".":
             chunk = chunk[1:]
-        # every CRLF "." left in the content is a stuffed dot (RFC 5321 4.5.2)
+            self.dot_lines = self.dot_lines or chunk[:1] == b"."
+        # every CRLF "." left in the content is a stuffed dot (RFC 5321 4.5.2); a CRLF ".."
+        # cannot straddle chunks (a chunk never ends with CRLF ".", see _holdback)
         if dotted:
+            self.dot_lines = self.dot_lines or b"\r\n.." in chunk
             chunk = chunk.replace(b"\r\n.", b"\r\n")
         # only a chunk cut right before the marker ends with CRLF
         self.line_start = idx != -1

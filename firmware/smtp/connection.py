@@ -231,7 +231,7 @@ class Connection:
         if ended:
             if self._data.error is not None:
                 self._fail(self._data.error)
-            self._pending = EndOfData()
+            self._pending = EndOfData(self._data.dot_lines)
             return self._pending
         if chunk:
             return DataChunk(chunk)

@@ -1,6 +1,7 @@
 import time
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from firmware.smtp import (
     DATA,
@@ -17,6 +18,8 @@ from firmware.smtp import (
     RemoteProtocolError,
     Reply,
 )
+
+from firmware.smtp._writers import DotStuffer
 
 from .helpers import drive, kinds, ready
 
@@ -54,6 +57,32 @@ def test_unstuffing(body, expected):
     assert content(events) == expected
     assert kinds(events)[-1] == "EndOfData"
     assert conn.state is READY
+
+
+LINES = st.lists(st.sampled_from([b"", b".", b"..", b".a", b"a.", b"a", b"x" * 50]), max_size=20)
+
+
+@settings(max_examples=1000)
+@given(LINES, st.lists(st.integers(1, 60), max_size=8))
+def test_end_of_data_tells_whether_a_line_starts_with_a_dot(lines, cuts):
+    """What the relay relies on to send a stored body as it is: the content read is empty or
+    ends with CRLF, and EndOfData.dot_lines is true exactly when a line of it starts with "."
+    (a stuffed dot on the wire), wherever the reads are cut."""
+    body = b"".join(line + b"\r\n" for line in lines)
+    stuffer = DotStuffer()
+    wire = stuffer.feed(body) + stuffer.end()
+    pieces, pos = [], 0
+    for cut in cuts:
+        pieces.append(wire[pos:pos + cut])
+        pos += cut
+    pieces.append(wire[pos:])
+    conn = in_data()
+    events = drive(conn, [p for p in pieces if p])
+    got = content(events)
+    [end] = [e for e in events if isinstance(e, EndOfData)]
+    assert got == body
+    assert got == b"" or got.endswith(b"\r\n")
+    assert end.dot_lines == any(line.startswith(b".") for line in lines)
 
 
 # Each variant sits inside a message; none of them may end it.
