@@ -79,6 +79,9 @@ class Message:
     credentials: dict | None = None  # sealed by firmware.credentials, never plaintext
     destination: tuple | None = None  # transparent mode: (host, port, tls) intercepted
     failed: dict = field(default_factory=dict)  # recipient -> [code, text], for the bounce
+    # A line of the body starts with "." (see EndOfData): without one, the stored bytes go
+    # upstream as they are. Unknown (a store written before it was kept) counts as True.
+    dot_lines: bool = True
 
     def meta(self) -> dict:
         return {
@@ -90,6 +93,7 @@ class Message:
             "rel": self.release_at,
             "held": self.held,
             "opt": self.mail_options,
+            "dots": self.dot_lines,
             **({"cred": self.credentials} if self.credentials else {}),
             **({"dst": list(self.destination)} if self.destination else {}),
         }
@@ -109,6 +113,7 @@ class Message:
             mail_options=meta.get("opt", {}),
             credentials=meta.get("cred"),
             destination=tuple(meta["dst"]) if meta.get("dst") else None,
+            dot_lines=meta.get("dots", True) is not False,
         )
         if "released" in meta:
             msg.apply({"released": meta["released"]})
@@ -159,6 +164,7 @@ class Delivery:
     destination: tuple | None = None
     failed: dict = field(default_factory=dict)  # recipient -> [code, text] so far
     received_at: float = 0.0
+    dot_lines: bool = True  # see Message.dot_lines
 
 
 class Reservation:
@@ -297,6 +303,7 @@ class HoldQueue:
         size: int,
         hold: bool,
         mail_options: dict,
+        dot_lines: bool = True,
         credentials: dict | None = None,
         destination: tuple | None = None,
         reservation: Reservation | None = None,
@@ -312,6 +319,7 @@ class HoldQueue:
             return await self._accept(id, client_ip=client_ip, sender=sender,
                                       recipients=recipients, summary=summary, size=size,
                                       hold=hold, mail_options=mail_options,
+                                      dot_lines=dot_lines,
                                       credentials=credentials, destination=destination,
                                       reservation=reservation)
         except BaseException:
@@ -323,7 +331,7 @@ class HoldQueue:
 
     async def _accept(self, id: bytes, *, client_ip: str, sender: str,
                       recipients: tuple[str, ...], summary: dict, size: int, hold: bool,
-                      mail_options: dict, credentials: dict | None,
+                      mail_options: dict, dot_lines: bool, credentials: dict | None,
                       destination: tuple | None, reservation: Reservation | None) -> Message:
         now = self._now()
         msg = Message(
@@ -337,6 +345,7 @@ class HoldQueue:
             release_at=now + self.hold_seconds if hold else now,
             held=hold,
             mail_options=mail_options,
+            dot_lines=dot_lines,
             credentials=credentials,
             destination=destination,
         )
@@ -457,6 +466,10 @@ class HoldQueue:
 
     def read_body(self, id: bytes) -> AsyncIterator[bytes]:
         return self._log.read_body(id)
+
+    def open_body(self, id: bytes):
+        """The body where it lies in the store (see Log.open_body)."""
+        return self._log.open_body(id)
 
     def is_pending(self, id: bytes) -> bool:
         """False once the message is finished (e.g. cancelled just before its release)."""
@@ -584,7 +597,8 @@ class HoldQueue:
         pending = tuple(r for r in msg.recipients if r not in done)
         self._to_relay.send_nowait(
             Delivery(msg.id, msg.sender, pending, msg.size, msg.mail_options, released_at,
-                     msg.credentials, msg.destination, dict(msg.failed), msg.received_at))
+                     msg.credentials, msg.destination, dict(msg.failed), msg.received_at,
+                     msg.dot_lines))
 
     def _record(self, event: str, msg: Message, **fields) -> None:
         if self._audit is not None:

@@ -343,7 +343,7 @@ class Session:
             await self._data_chunk(event.data)
             return None
         if isinstance(event, EndOfData):
-            return await self._end_of_data()
+            return await self._end_of_data(event)
         if isinstance(event, Hello):
             await self._abort_transaction()
             return self._hello(event)
@@ -452,7 +452,7 @@ class Session:
             log.error("store failed while receiving from %s: %s", self.peer_ip, exc)
             tx.store_failed = True
 
-    async def _end_of_data(self) -> Reply:
+    async def _end_of_data(self, end: EndOfData) -> Reply:
         tx = self.tx
         assert tx is not None and tx.id is not None
         if tx.too_big:
@@ -482,6 +482,7 @@ class Session:
                     size=tx.size,
                     hold=decision.hold,
                     mail_options=tx.options,
+                    dot_lines=end.dot_lines,
                     reservation=tx.reservation,
                     credentials=self._sealed_credentials(tx.id),
                     destination=self._destination(),

@@ -160,6 +160,35 @@ async def test_restart_recovers_held_mail(on_boot, autojump_clock):
         nursery.cancel_scope.cancel()
 
 
+async def test_whether_a_body_has_dot_lines_survives_a_restart(autojump_clock):
+    """The relay sends a body as stored only when no line of it starts with "."; a record
+    from before that was kept says nothing, and then the body is dot-stuffed (safe)."""
+    async with trio.open_nursery() as nursery:
+        store, queue = await open_queue(MemoryStore(), nursery)
+        ids = {}
+        for dot_lines in (False, True):
+            id = os.urandom(16)
+            await queue.write_body(id, 0, b"x\r\n")
+            await queue.accept(id, client_ip="127.0.0.1", sender="s@lan.example",
+                               recipients=("r@ext.example",), summary={}, size=3, hold=True,
+                               mail_options={}, dot_lines=dot_lines)
+            ids[id] = dot_lines
+        nursery.cancel_scope.cancel()
+    old = Accept(os.urandom(16), 3, {k: v for k, v in store.records[0].meta.items()
+                                      if k != "dots"})
+    store.bodies[old.id] = bytearray(b"x\r\n")
+    store.records.append(old)
+    ids[old.id] = True
+    async with trio.open_nursery() as nursery:
+        _, queue = await open_queue(store, nursery, on_boot="send")
+        got = {}
+        for _ in range(3):
+            d = await next_delivery(queue, 0.1)
+            got[d.id] = d.dot_lines
+        assert got == ids
+        nursery.cancel_scope.cancel()
+
+
 async def test_delivery_outcomes_finish_the_message(nursery, autojump_clock):
     store, queue = await open_queue(MemoryStore(), nursery)
     msg = await put(queue, hold=False, recipients=("a@x.example", "b@x.example"))
