@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import ssl
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
@@ -56,7 +57,12 @@ log = logging.getLogger("matte.relay")
 CONNECT_TIMEOUT = 30.0
 # RFC 5321 4.5.3.2 client timeouts: 5 min greeting/commands, 10 min for the final reply to DATA.
 REPLY_TIMEOUT = 300.0
+DATA_BLOCK_TIMEOUT = 180.0  # for the upstream to take the next part of the content
 DATA_END_TIMEOUT = 600.0
+# The most one os.sendfile call sends: it runs in the event loop, and a part of the store not in
+# the page cache (after a restart) is read from the disk during the call, so this bounds the
+# pause (about 10 ms on an SD card). A worker thread per call costs more than the copy it saves.
+SENDFILE_SLICE = 256 * 1024
 FIRST_RETRY = 30.0
 MAX_RETRY_INTERVAL = 300.0
 OFFLINE_POLL = 10.0  # how often a waiting bounce looks whether the gateway is back online
@@ -175,6 +181,36 @@ class SmtpClient:
         self._check_open()
         await self.stream.send_all(self.conn.send(event))
 
+    async def send_stored(self, body: "StoredBody") -> None:
+        """A stored body as message content. Without a line starting with "." it goes on the
+        wire exactly as stored: over plain TCP the kernel copies it from the store's files to
+        the socket (os.sendfile), none of it through Python. Otherwise it is dot-stuffed."""
+        self._check_open()
+        stream = self.stream
+        if body.dot_lines or not isinstance(stream, trio.SocketStream):
+            async with aclosing(body.chunks()) as chunks:  # its files close even if cut short
+                async for chunk in chunks:
+                    with trio.fail_after(DATA_BLOCK_TIMEOUT):
+                        await self.send(DataChunk(chunk, canonical=True))
+            return
+        # The stuffer is left at a line start, as the stored body ends (it is empty or ends
+        # with CRLF), so EndOfData adds just ".\r\n".
+        sock = stream.socket
+        async with body.open() as pieces:
+            for fd, pos, left in pieces:
+                while left:
+                    try:
+                        sent = os.sendfile(sock.fileno(), fd, pos, min(left, SENDFILE_SLICE))
+                    except BlockingIOError:
+                        with trio.fail_after(DATA_BLOCK_TIMEOUT):
+                            await trio.lowlevel.wait_writable(sock)
+                        continue
+                    if sent == 0:
+                        raise StoreError(f"a store file ends {left} bytes before the body")
+                    pos += sent
+                    left -= sent
+                    await trio.lowlevel.checkpoint()  # let the other tasks run between slices
+
     async def send_batch(self, events) -> None:
         """Several commands in one write (RFC 2920 pipelining); replies come in order."""
         self._check_open()
@@ -231,6 +267,26 @@ class SmtpClient:
             await stream.aclose()
 
 
+class StoredBody:
+    """A released message's body as the store keeps it: CRLF line ends only (DATA refused
+    anything else), and empty or ending with CRLF. `dot_lines`: a line starts with "."."""
+
+    def __init__(self, queue: HoldQueue, id: bytes, dot_lines: bool) -> None:
+        self.queue = queue
+        self.id = id
+        self.dot_lines = dot_lines
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self.queue.read_body(self.id)
+
+    def open(self):
+        """(fd, position, length) pieces of the store's files, closed on exit."""
+        return self.queue.open_body(self.id)
+
+
+# Message content: a stored body, or chunks made on the spot (a bounce).
+Content = StoredBody | Callable[[], AsyncIterator[bytes]]
+
 @dataclass(frozen=True)
 class Envelope:
     sender: str
@@ -241,15 +297,14 @@ class Envelope:
 
 
 async def transaction(route: Route, credentials: tuple[str, str] | None, envelope: Envelope,
-                      content: Callable[[], AsyncIterator[bytes]], *,
-                      connect: Connect = trio.open_tcp_stream, pool: "ConnectionPool | None" = None,
-                      canonical: bool = False) -> dict[str, Reply]:
+                      content: Content, *, connect: Connect = trio.open_tcp_stream,
+                      pool: "ConnectionPool | None" = None) -> dict[str, Reply]:
     """One mail transaction: a reply per recipient (4xx/5xx for each one that did not get it).
 
     With a pool, an open session for the same route and credentials is used when there is one
     (RSET first; one that does not answer it is dropped and a new session opened), and a
-    session that ends cleanly goes back to it. `canonical`: the content has CRLF line ends
-    only (read from the store: DATA refused anything else), so it is only dot-stuffed.
+    session that ends cleanly goes back to it. `content`: a stored body, or made here (a
+    bounce).
 
     Raises Unreachable when there is no connection at all and the other UpstreamErrors when the
     session broke; the caller decides what that means.
@@ -261,7 +316,7 @@ async def transaction(route: Route, credentials: tuple[str, str] | None, envelop
         client = pool.take(key)
         if client is not None:
             try:
-                results = await _mail(client, envelope, content, canonical, reset=True)
+                results = await _mail(client, envelope, content, reset=True)
             except StaleConnection as exc:
                 log.debug("pooled session to %s dropped: %s", route.describe(), exc)
                 await client.abort()
@@ -279,7 +334,7 @@ async def transaction(route: Route, credentials: tuple[str, str] | None, envelop
             reply = await client.login(*login)
             if reply.code != 235:
                 return dict.fromkeys(envelope.recipients, reply)
-        results = await _mail(client, envelope, content, canonical, reset=False)
+        results = await _mail(client, envelope, content, reset=False)
         keep = pool is not None and not client.closed
         return results
     finally:
@@ -289,8 +344,7 @@ async def transaction(route: Route, credentials: tuple[str, str] | None, envelop
             await client.quit()
 
 
-async def _mail(client: SmtpClient, envelope: Envelope,
-                content: Callable[[], AsyncIterator[bytes]], canonical: bool, *,
+async def _mail(client: SmtpClient, envelope: Envelope, content: Content, *,
                 reset: bool) -> dict[str, Reply]:
     """MAIL, RCPT, DATA on a greeted session (after RSET when it is reused). Raises
     StaleConnection only when RSET was not answered with 250: nothing was sent then."""
@@ -347,8 +401,13 @@ async def _mail(client: SmtpClient, envelope: Envelope,
         return results
     if data_reply.code != 354:
         return {**results, **dict.fromkeys(accepted, data_reply)}
-    async for chunk in content():
-        await client.send(DataChunk(chunk, canonical))
+    if isinstance(content, StoredBody):
+        await client.send_stored(content)
+    else:
+        async with aclosing(content()) as chunks:
+            async for chunk in chunks:
+                with trio.fail_after(DATA_BLOCK_TIMEOUT):
+                    await client.send(DataChunk(chunk))
     reply = await client.command(EndOfData(), DATA_END_TIMEOUT)
     return {**results, **dict.fromkeys(accepted, reply)}
 
@@ -552,8 +611,8 @@ class Relay:
             envelope = Envelope(d.sender, recipients, d.size, d.mail_options.get("body"),
                                 bool(d.mail_options.get("smtputf8")))
             return await transaction(route, credentials, envelope,
-                                     lambda: self.queue.read_body(d.id), connect=self.connect,
-                                     pool=self.pool, canonical=True)
+                                     StoredBody(self.queue, d.id, d.dot_lines),
+                                     connect=self.connect, pool=self.pool)
         except CertificateNotVerified as exc:
             # Said loudly: nothing goes out until the certificate (or ca_file) is fixed.
             log.warning("delivery of %s deferred: %s", d.id.hex(), exc)
@@ -660,8 +719,9 @@ class Relay:
         tmp = path.with_suffix(".tmp")
         f = await trio.to_thread.run_sync(open, tmp, "wb")
         try:
-            async for chunk in content():
-                await trio.to_thread.run_sync(f.write, chunk)
+            async with aclosing(content()) as chunks:
+                async for chunk in chunks:
+                    await trio.to_thread.run_sync(f.write, chunk)
             await trio.to_thread.run_sync(_sync_close, f)
         except BaseException:
             f.close()

@@ -16,6 +16,7 @@ import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -555,12 +556,11 @@ class Log:
             self._queue_sync = True
         self._wake.set()
 
-    async def read_body(self, id: bytes) -> AsyncIterator[bytes]:
-        """The accepted body of ``id``, in chunks of about READ_CHUNK bytes.
-
-        Use ``async with contextlib.aclosing(log.read_body(id)) as chunks`` when
-        not reading to the end, so the files are closed promptly.
-        """
+    @asynccontextmanager
+    async def open_body(self, id: bytes) -> AsyncIterator[list[tuple[int, int, int]]]:
+        """The accepted body of ``id`` where it lies: (fd, position, length) pieces, in order,
+        of segment files opened for reading and closed on exit. The files stay readable while
+        open even if the segment is reclaimed meanwhile (the log never writes over a body)."""
         m = self._msgs.get(id)
         if m is None or m.accept is None or m.finished:
             raise KeyError(id)
@@ -570,20 +570,30 @@ class Log:
         # Pinned until opened: reclaim does not unlink a pinned segment.
         for s in seqs:
             self._pins[s] = self._pins.get(s, 0) + 1
-        fds: dict[int, int] = {}
         try:
-            try:
-                opened = await trio.to_thread.run_sync(_open_all, self._files, paths)
-            finally:
-                for s in seqs:
-                    self._pins[s] -= 1
-                    if not self._pins[s]:
-                        del self._pins[s]
-            fds = dict(zip(seqs, opened))
+            opened = await trio.to_thread.run_sync(_open_all, self._files, paths)
+        finally:
+            for s in seqs:
+                self._pins[s] -= 1
+                if not self._pins[s]:
+                    del self._pins[s]
+        fds = dict(zip(seqs, opened))
+        try:
+            yield [(fds[e.seq], e.pos, e.length) for e in extents]
+        finally:
+            for fd in opened:
+                self._files.close(fd)
+
+    async def read_body(self, id: bytes) -> AsyncIterator[bytes]:
+        """The accepted body of ``id``, in chunks of about READ_CHUNK bytes.
+
+        Use ``async with contextlib.aclosing(log.read_body(id)) as chunks`` when
+        not reading to the end, so the files are closed promptly.
+        """
+        async with self.open_body(id) as pieces:
             group: list[tuple[int, int, int]] = []
             size = 0
-            for e in extents:
-                fd, pos, left = fds[e.seq], e.pos, e.length
+            for fd, pos, left in pieces:
                 while left:
                     n = min(left, READ_CHUNK - size)
                     group.append((fd, n, pos))
@@ -595,9 +605,6 @@ class Log:
                         group, size = [], 0
             if group:
                 yield await trio.to_thread.run_sync(_read_group, self._files, group)
-        finally:
-            for fd in fds.values():
-                self._files.close(fd)
 
     def statistics(self) -> dict:
         # Cheap (kept as the writer applies records): callers ask on every change of the queue.

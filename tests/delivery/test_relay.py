@@ -13,7 +13,7 @@ import trio.testing
 
 from firmware.credentials import Vault
 from firmware.qmgr import HoldQueue, WallClock
-from firmware.relay import REPLY_TIMEOUT, Relay
+from firmware.relay import DATA_BLOCK_TIMEOUT, REPLY_TIMEOUT, Relay
 from firmware.routes import Route, Router
 from tests.test_qmgr import MemoryStore
 
@@ -25,11 +25,12 @@ MESSAGE = (b"From: Sender <s@lan.example>\r\nTo: a@ext.example\r\n"
 class FakeUpstream:
     """An SMTP server script: `rcpt(address)` and `end_of_data()` give the replies;
     `mode` makes it unreachable, or, for mail with a sender (not for bounces), silent after
-    MAIL or drop the connection in the middle of DATA."""
+    MAIL, drop the connection in the middle of DATA or stop reading after 354."""
 
     def __init__(self, nursery) -> None:
         self.nursery = nursery
-        self.mode = "normal"  # "normal" | "unreachable" | "silent-after-mail" | "drop-in-data"
+        # "normal" | "unreachable" | "silent-after-mail" | "drop-in-data" | "stall-in-data"
+        self.mode = "normal"
         self.rcpt = lambda address: "250 2.1.5 Ok"
         self.end_of_data = lambda: "250 2.0.0 Ok"
         self.bounce_rcpt = "250 2.1.5 Ok"  # what RCPT gets in a transaction from <>
@@ -42,7 +43,10 @@ class FakeUpstream:
         self.connections += 1
         if self.mode == "unreachable":
             raise OSError(113, "No route to host")
-        ours, theirs = trio.testing.memory_stream_pair()
+        if self.mode == "stall-in-data":  # a sender waits until this side reads
+            ours, theirs = trio.testing.lockstep_stream_pair()
+        else:
+            ours, theirs = trio.testing.memory_stream_pair()
         self.nursery.start_soon(self._serve, theirs)
         return ours
 
@@ -91,6 +95,8 @@ class FakeUpstream:
                     await say(reply)
                 elif verb == b"DATA":
                     await say("354 go ahead")
+                    if self.mode == "stall-in-data" and sender:
+                        await trio.sleep_forever()
                     data = b""
                     while not data.endswith(b"\r\n.\r\n"):
                         if self.mode == "drop-in-data" and data and sender:
@@ -317,6 +323,20 @@ async def test_a_restart_neither_resends_nor_forgets_the_bounce(autojump_clock):
 
 def test_reply_timeout_is_bounded():
     assert math.isfinite(REPLY_TIMEOUT)
+
+
+async def test_an_upstream_that_stops_reading_the_content_defers_it(nursery, autojump_clock):
+    queue, store, upstream = await start(nursery)
+    upstream.mode = "stall-in-data"
+    start_time = trio.current_time()
+    id = await submit(queue, store)
+    while not queue.counters["deferred"]:
+        await trio.sleep(1)
+    assert trio.current_time() - start_time == pytest.approx(DATA_BLOCK_TIMEOUT, abs=2)
+    upstream.mode = "normal"
+    await until_finished(queue, id)
+    assert outcome(store, id) == "delivered"
+    assert upstream.deliveries() == [("s@lan.example", ["a@ext.example"])]
 
 
 async def test_messages_waiting_to_retry_do_not_hold_up_the_others(nursery, autojump_clock):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import smtplib
 
 import trio
@@ -101,6 +102,35 @@ async def test_send_now_arrives_at_once_and_extend_moves_the_release(start_gatew
         "accept", "release", "send-now", "delivery"]
     assert [e["event"] for e in events if e.get("id") == longer["id"]] == ["accept", "extend"]
     assert all(e["ip"] == "127.0.0.1" for e in events)
+
+
+async def test_bodies_go_upstream_exactly_straight_from_the_store_unless_dot_stuffed(
+        start_gateway, upstream, monkeypatch):
+    """A body without a line starting with "." goes from the store's files to the upstream's
+    socket by os.sendfile; one with such lines is dot-stuffed on the way. Both arrive as sent."""
+    sendfile, sent = os.sendfile, []
+
+    def counting_sendfile(out_fd, in_fd, offset, count):
+        n = sendfile(out_fd, in_fd, offset, count)
+        sent.append(n)
+        return n
+
+    monkeypatch.setattr(os, "sendfile", counting_sendfile)
+    running = await start_gateway(upstream.port, hold=3600)
+    lines = "".join(f"line {i:06d} of a long report, no dot at its start.\r\n" for i in range(6000))
+    plain = make_message("plain", body=lines)
+    dotted = make_message("dotted", body=".hidden\r\n..two\r\nend.\r\n.\r\n")
+    for message in (plain, dotted):
+        await in_thread(send_mail, running.smtp[0][1], message)
+    listing = await held_list(running)
+    status, _ = await in_thread(api, running.web[0][1], "POST", "/api/held/all/send",
+                                token=listing["token"])
+    assert status == 200
+    await wait_for(lambda: len(upstream.received()) == 2)
+    got = {m.content.split(b"Subject: ")[1].split(b"\r\n")[0]: m.content
+           for m in upstream.received()}
+    assert got == {b"plain": plain, b"dotted": dotted}
+    assert sum(sent) == len(plain) and len(sent) >= 2  # 330 kB: more than one slice
 
 
 async def test_whitelists_and_many_recipients_pass_at_once(start_gateway, upstream):
