@@ -642,33 +642,38 @@ class Relay:
                             "8BITMIME" if any(b > 127 for b in message) else None,
                             not d.sender.isascii())
         interval = FIRST_RETRY
+        deadline = self.now() + self.retry_seconds  # for temporary refusals, as for mail
         while self.queue.is_pending(d.id):
             if not self.online():
                 await trio.sleep(OFFLINE_POLL)  # S11: bounces wait while the gateway is offline
                 continue
-            outcome = await self._send_bounce(d, route, envelope, message)
+            outcome, why = await self._send_bounce(d, route, envelope, message)
             if outcome == "sent":
                 log.info("message %s: bounce sent to %s for %d recipient(s)", d.id.hex(),
                          d.sender, len(failed))
                 await self.queue.finish(d.id, "bounced", failed=sorted(failed))
                 return
-            if outcome != "unreachable":
+            if outcome == "failed" or (outcome == "temporary" and self.now() >= deadline):
                 log.warning("message %s: bounce to %s failed (%s); dropped", d.id.hex(),
-                            d.sender, outcome)
+                            d.sender, why)
                 await self.queue.finish(d.id, "failed", failed=sorted(failed),
-                                        bounce=f"dropped: {outcome}")
+                                        bounce=f"dropped: {why}")
                 return
+            if outcome == "temporary":
+                log.info("message %s: bounce to %s deferred: %s", d.id.hex(), d.sender, why)
             await trio.sleep(interval * random.uniform(0.8, 1.2))
             interval = min(interval * 2, MAX_RETRY_INTERVAL)
 
     async def _send_bounce(self, d: Delivery, route: Route | None, envelope: Envelope,
-                           message: bytes) -> str:
-        """"sent", "unreachable" (wait and try again), or why it failed for good."""
+                           message: bytes) -> tuple[str, str]:
+        """("sent" | "unreachable" | "temporary" | "failed", why): an unreachable upstream is
+        waited for, a temporary refusal (4xx, a broken session) retried until retry_seconds
+        have passed, a permanent one (5xx) is final."""
         async with self._sending:
             return await self._send_bounce_now(d, route, envelope, message)
 
     async def _send_bounce_now(self, d: Delivery, route: Route | None, envelope: Envelope,
-                               message: bytes) -> str:
+                               message: bytes) -> tuple[str, str]:
 
         async def content():
             yield message
@@ -676,10 +681,10 @@ class Relay:
         try:
             if route is None:
                 if self.outbox is None:
-                    return NO_ROUTE.text
+                    return "failed", NO_ROUTE.text
                 await self._write_outbox(f"{d.id.hex()}.bounce", "", envelope.recipients,
                                          content)
-                return "sent"
+                return "sent", ""
             try:
                 credentials = await self._credentials(d)
             except KeyDestroyed:
@@ -689,10 +694,14 @@ class Relay:
         except Unreachable as exc:
             log.info("message %s: bounce waits, the upstream is unreachable: %s",
                      d.id.hex(), exc)
-            return "unreachable"
-        except (CredentialsError, *TEMPORARY_ERRORS) as exc:
-            return f"{type(exc).__name__}: {exc}"
-        return "sent" if reply.code < 400 else f"{reply.code} {reply.text}"
+            return "unreachable", str(exc)
+        except CredentialsError as exc:
+            return "failed", f"{type(exc).__name__}: {exc}"
+        except TEMPORARY_ERRORS as exc:
+            return "temporary", f"{type(exc).__name__}: {exc}"
+        if reply.code < 400:
+            return "sent", ""
+        return ("temporary" if reply.code < 500 else "failed"), f"{reply.code} {reply.text}"
 
     async def _original_headers(self, id: bytes) -> bytes:
         data = bytearray()

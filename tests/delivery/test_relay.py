@@ -279,6 +279,30 @@ async def test_a_refused_bounce_is_logged_and_dropped(nursery, autojump_clock, c
     assert "bounce to s@lan.example failed" in caplog.text
 
 
+async def test_a_bounce_refused_for_now_is_tried_again(nursery, autojump_clock):
+    queue, store, upstream = await start(nursery)
+    upstream.rcpt = lambda address: "550 5.1.1 No such user"
+    upstream.bounce_rcpt = "451 4.7.1 greylisted, try again later"
+    id = await submit(queue, store)
+    await trio.sleep(100)
+    assert queue.is_pending(id) and upstream.received == []
+    upstream.bounce_rcpt = "250 2.1.5 Ok"
+    await until_finished(queue, id)
+    assert outcome(store, id) == "bounced"
+    assert dsn_blocks(upstream.bounces()[0]) == {"a@ext.example": ("failed", "5.1.1")}
+
+
+async def test_a_bounce_refused_for_now_until_the_window_closes_is_dropped(
+        nursery, autojump_clock, caplog):
+    queue, store, upstream = await start(nursery)
+    upstream.rcpt = lambda address: "550 5.1.1 No such user"
+    upstream.bounce_rcpt = "451 4.7.1 greylisted, try again later"
+    id = await submit(queue, store)
+    assert await until_finished(queue, id) >= RETRY
+    assert outcome(store, id) == "failed" and upstream.received == []
+    assert "bounce to s@lan.example failed (451 4.7.1 greylisted" in caplog.text
+
+
 async def test_the_messages_own_credentials_are_used_for_delivery_and_bounce(
         nursery, autojump_clock, tmp_path):
     vault = Vault.load_or_create(tmp_path / "credentials.key")
