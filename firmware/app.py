@@ -84,7 +84,8 @@ async def serve(config: Config, *, the_board=None, task_status=trio.TASK_STATUS_
     device = await trio.to_thread.run_sync(tls.ensure_device_certificates, data_dir,
                                            _certificate_names(config))
     server_tls = tls.server_context(device)
-    with AuditLog(config.audit_log or data_dir / "audit.jsonl") as audit:
+    with AuditLog(config.audit_log or data_dir / "audit.jsonl",
+                  max_bytes=config.audit_log_max_bytes, keep=config.audit_log_keep) as audit:
         store, recovered = await Log.open(data_dir / "store")
         try:
             await _serve(config, supervisor, audit, store, recovered, server_tls, device, task_status,

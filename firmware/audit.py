@@ -3,6 +3,10 @@ send-now, delivery and bounce.
 
 Writing it must never take the gateway down: a failed write is logged as a warning and the
 event is dropped. Lines are written whole and flushed at once (appends of one line each).
+
+It never fills the disk: a line that would take the file past `max_bytes` goes to a new file,
+after audit.jsonl became audit.jsonl.1, .1 became .2, and so on up to `keep` old files (the
+oldest is deleted).
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AuditLog"]
+__all__ = ["AuditLog", "MAX_BYTES", "KEEP"]
+
+MAX_BYTES = 8 * 1024 * 1024
+KEEP = 4
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +54,12 @@ class AuditLog:
     """`AuditLog(path).write("accept", id=b"...", sender="a@b")` appends
     {"ts": "2024-01-01T00:00:00.000Z", "event": "accept", "id": "..", "sender": "a@b"}."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, *, max_bytes: int = MAX_BYTES, keep: int = KEEP):
         self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.keep = keep
         self._file = None
+        self._size = 0
         self._lock = threading.Lock()
         self._failing = False
         self.written = 0
@@ -65,12 +75,15 @@ class AuditLog:
         except (TypeError, ValueError) as e:
             self._failed(f"cannot encode {event!r} event: {e}")
             return
+        line += "\n"
         with self._lock:
             try:
                 if self._file is None:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    self._file = open(self.path, "a", encoding="ascii", buffering=1)
-                self._file.write(line + "\n")
+                    self._open()
+                if self._size and self._size + len(line) > self.max_bytes:
+                    self._rotate()
+                self._file.write(line)
+                self._size += len(line)
             except OSError as e:
                 self._close_quietly()
                 self._failed(f"cannot write {self.path}: {e.strerror or e}")
@@ -79,6 +92,20 @@ class AuditLog:
         if self._failing:
             self._failing = False
             log.warning("audit log %s is written again", self.path)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="ascii", buffering=1)
+        self._size = os.fstat(self._file.fileno()).st_size
+
+    def _rotate(self) -> None:
+        self._close_quietly()
+        names = [self.path, *(self.path.with_name(f"{self.path.name}.{n}")
+                              for n in range(1, self.keep + 1))]
+        for newer, older in reversed(list(zip(names, names[1:]))):  # the oldest is replaced
+            if newer.exists():
+                os.replace(newer, older)
+        self._open()
 
     def _failed(self, why: str) -> None:
         self.dropped += 1

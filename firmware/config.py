@@ -149,6 +149,8 @@ class BoardConfig:
 class Config:
     data_dir: Path = Path("var")
     audit_log: Path | None = None  # None after load(): data_dir/"audit.jsonl"
+    audit_log_max_bytes: int = 8 * 1024 * 1024  # then a new file; the old ones numbered
+    audit_log_keep: int = 4
     smtp: SmtpConfig = SmtpConfig()
     hold: HoldConfig = HoldConfig()
     whitelist: WhitelistConfig = WhitelistConfig()
@@ -171,7 +173,8 @@ class Config:
             up = f"outbox {u.outbox} (.eml files, nothing is sent)"
         return [
             f"data_dir: {self.data_dir}",
-            f"audit_log: {self.audit_log}",
+            f"audit_log: {self.audit_log} (new file after {_size(self.audit_log_max_bytes)}, "
+            f"{self.audit_log_keep} old kept)",
             "smtp: listen {} / implicit TLS {}; max message {}; hostname {}".format(
                 _join(s.listen), _join(s.listen_tls), _size(s.max_message_size), s.hostname
             ),
@@ -478,7 +481,9 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
                         "listen_tls": _list_of(_listen), "names": _list_of(_host)}),
 }
 
-_TOP: dict[str, Callable[[Any], Any]] = {"data_dir": _path, "audit_log": _path}
+_TOP: dict[str, Callable[[Any], Any]] = {"data_dir": _path, "audit_log": _path,
+                                          "audit_log_max_bytes": _positive_int,
+                                          "audit_log_keep": _positive_int}
 
 
 def _unknown(source: str, key: str, known) -> ConfigError:
@@ -625,6 +630,8 @@ def from_dict(data: dict, *, source: str, base_dir: Path) -> Config:
     return Config(
         data_dir=data_dir,
         audit_log=audit_log,
+        audit_log_max_bytes=top.get("audit_log_max_bytes", Config.audit_log_max_bytes),
+        audit_log_keep=top.get("audit_log_keep", Config.audit_log_keep),
         smtp=smtp,
         hold=hold,
         whitelist=whitelist,

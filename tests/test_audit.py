@@ -126,3 +126,36 @@ def test_disk_full_never_raises(caplog):
         audit.write("accept")
     assert audit.statistics()["dropped"] == 1
     assert "No space left" in caplog.text
+
+
+def test_the_log_moves_to_a_numbered_file_before_it_grows_past_its_limit(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path, max_bytes=300, keep=2) as audit:
+        for n in range(40):
+            audit.write("accept", n=n)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]  # the oldest deleted
+    for name in files:
+        assert 0 < (tmp_path / name).stat().st_size <= 300
+    kept = [line["n"] for name in reversed(files) for line in read_lines(tmp_path / name)]
+    assert kept == list(range(40 - len(kept), 40))  # the newest events, in order, none torn
+    assert audit.statistics()["written"] == 40
+
+
+def test_a_log_left_near_its_limit_moves_on_at_the_next_line(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    path.write_text(json.dumps({"event": "before"}) + "\n")
+    with AuditLog(path, max_bytes=len(path.read_bytes()) + 10, keep=1) as audit:
+        audit.write("after a restart")
+    assert [e["event"] for e in read_lines(path.with_name("audit.jsonl.1"))] == ["before"]
+    assert [e["event"] for e in read_lines(path)] == ["after a restart"]
+
+
+def test_a_line_longer_than_the_limit_is_still_written_whole(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path, max_bytes=50, keep=1) as audit:
+        audit.write("small")
+        audit.write("large", subject="s" * 200)
+        audit.write("small again")
+    assert [e["event"] for e in read_lines(path.with_name("audit.jsonl.1"))] == ["large"]
+    assert [e["event"] for e in read_lines(path)] == ["small again"]

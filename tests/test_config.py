@@ -99,6 +99,8 @@ def test_every_dataclass_field_is_a_key():
 FULL = """
 data_dir = "/srv/matte"
 audit_log = "logs/audit.jsonl"
+audit_log_max_bytes = 1000000
+audit_log_keep = 9
 
 [smtp]
 listen = ["0.0.0.0:25", "[::]:587", "mail.example.com:2525"]
@@ -137,6 +139,7 @@ def test_full_file(tmp_path):
     cfg = load_text(tmp_path, FULL)
     assert cfg.data_dir == Path("/srv/matte")
     assert cfg.audit_log == tmp_path / "logs" / "audit.jsonl"
+    assert (cfg.audit_log_max_bytes, cfg.audit_log_keep) == (1000000, 9)
     assert cfg.smtp.listen == ("0.0.0.0:25", "[::]:587", "mail.example.com:2525")
     assert cfg.smtp.listen_tls == ()
     assert cfg.smtp.allowed_networks == (ipaddress.ip_network("192.168.1.0/24"),
@@ -216,6 +219,8 @@ BAD = [
     ("[web]\nlisten = []", "web.listen", "must not be empty"),
     ("data_dir = 5", "data_dir", "expected a string"),
     ('data_dir = ""', "data_dir", "expected a path"),
+    ("audit_log_max_bytes = 0", "audit_log_max_bytes", "at least 1"),
+    ('audit_log_keep = "all"', "audit_log_keep", "got a string"),
 ]
 
 
