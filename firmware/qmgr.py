@@ -31,6 +31,9 @@ CANCELLING = "cancelling"  # its cancel record is being committed
 RELEASE_RETRY_SECONDS = 5
 # How far a single extend may push a hold (B4): one day.
 MAX_EXTEND_SECONDS = 86400
+# A message received more than this far in the future was timed by a clock that has since gone
+# back (set right by NTP after a boot without a real-time clock): its deadline cannot be trusted.
+CLOCK_SLACK_SECONDS = 60.0
 
 
 class WallClock:
@@ -228,6 +231,12 @@ class HoldQueue:
 
     # -- boot ---------------------------------------------------------------------------------
 
+    def now(self) -> float:
+        """The queue's wall clock: received_at and release_at are on it. It keeps its offset
+        from the monotonic clock while running, so a step of the system clock (NTP on a
+        board without a real-time clock) neither shortens nor stretches a hold."""
+        return self._now()
+
     def recover(self, recovered: dict[bytes, Recovered], on_boot: str) -> int:
         """Rebuild state from the log (S7, B2). Returns how many messages came back."""
         now = self._now()
@@ -236,12 +245,20 @@ class HoldQueue:
             for update in rec.updates:
                 msg.apply(update.changes)
             self._add(msg)
+        misdated = 0
         for msg in list(self._messages.values()):
-            if msg.state is RELEASED or on_boot == "send" or msg.release_at <= now:
-                # Released before the restart, or S7's "all held mail is sent at once on boot".
+            future = msg.received_at > now + CLOCK_SLACK_SECONDS
+            misdated += future and msg.state is not RELEASED
+            if msg.state is RELEASED or on_boot == "send" or msg.release_at <= now or future:
+                # Released before the restart, S7's "all held mail is sent at once on boot",
+                # or held by a clock that was wrong (sent as S7 would, rather than held for
+                # as long as the clock was off).
                 self._release_now(msg, msg.released_at or now)
             else:
                 self._schedule(msg)
+        if misdated:
+            log.warning("%d held message(s) were received at a time still to come: the clock "
+                        "has gone back since, so their holds cannot be trusted; sent now", misdated)
         if self._messages:
             log.info("recovered %d message(s), on_boot=%s", len(self._messages), on_boot)
         return len(self._messages)

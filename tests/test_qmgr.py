@@ -160,6 +160,25 @@ async def test_restart_recovers_held_mail(on_boot, autojump_clock):
         nursery.cancel_scope.cancel()
 
 
+async def test_mail_held_by_a_clock_that_has_gone_back_is_not_held_for_the_difference(
+        autojump_clock, caplog):
+    """A board without a real-time clock accepted mail while its clock was a year ahead; NTP
+    set it right before the restart. on_boot = "resume" must not hold that mail for a year."""
+    right, year = WallClock(), 365 * 86400.0
+    ahead = lambda: right() + year  # noqa: E731
+    async with trio.open_nursery() as nursery:
+        store, queue = await open_queue(MemoryStore(), nursery, now=ahead)
+        misdated = await put(queue)
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        _, queue = await open_queue(store, nursery, on_boot="resume", now=right)
+        kept = await put(queue)  # received on the right clock: its hold is kept
+        assert (await next_delivery(queue, 1)).id == misdated.id
+        assert [v.id for v in queue.held_for("127.0.0.1")] == [kept.id]
+        nursery.cancel_scope.cancel()
+    assert "clock has gone back" in caplog.text
+
+
 async def test_whether_a_body_has_dot_lines_survives_a_restart(autojump_clock):
     """The relay sends a body as stored only when no line of it starts with "."; a record
     from before that was kept says nothing, and then the body is dot-stuffed (safe)."""

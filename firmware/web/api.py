@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from typing import Any
 
 from .context import (
@@ -55,7 +54,8 @@ def held_snapshot(ctx: WebContext, ip: str) -> dict[str, Any]:
         "token": ctx.token_for(ip),
         "held": [held_to_json(item) for item in ctx.queue.held_for(ip)],
         "store": ctx.queue.store_status(),
-        "now": time.time(),  # lets the page's countdowns ignore the browser's clock error
+        # the clock release_at is on: the page's countdowns ignore the browser's clock error
+        "now": ctx.queue.now(),
     }
 
 

@@ -199,7 +199,7 @@ async def handle_page(ctx: WebContext, request: Request) -> Response | None:
                 ip=ip,
                 token=ctx.token_for(ip),
                 store=ctx.queue.store_status(),
-                now=time.time(),
+                now=ctx.queue.now(),  # the clock release_at is on
                 notice=notice,
                 count=int(count) if count.isascii() and count.isdigit() and len(count) < 6 else 0,
                 lang=lang,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from dataclasses import dataclass, field, replace
 
 import h11
@@ -43,6 +44,10 @@ class FakeQueue:
     fail: bool = False
     version: int = 0
     changed: trio.Event = field(default_factory=trio.Event)
+    clock_offset: float = 0.0  # the gateway's wall clock against this machine's
+
+    def now(self) -> float:
+        return time.time() + self.clock_offset
 
     def add(self, client_ip: str, subject: str = "Quarterly report", **kw) -> Held:
         now = kw.pop("received_at", 1_700_000_000.0 + len(self.items))

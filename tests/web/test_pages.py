@@ -1,3 +1,4 @@
+import json
 import re
 import time
 import urllib.parse
@@ -99,6 +100,18 @@ async def test_page_shows_fields_countdown_and_forms(port, queue):
         assert f'<form method="post" action="/mail/all/{action}">' in page
     assert page.count(f'<input type="hidden" name="token" value="{token}">') == 5
     assert "body" not in page.lower().split("<body>")[1].replace("</body>", "")  # never a body
+
+
+async def test_countdowns_use_the_gateways_clock_not_this_machines(port, queue):
+    """The gateway's clock has kept its offset since it started while the system clock was
+    stepped (NTP on a board without a real-time clock): countdowns still count the hold."""
+    queue.clock_offset = -3 * 365 * 86400.0
+    now = queue.now()
+    queue.add(A, "Report", received_at=now, release_at=now + 250)
+    page = (await request(port, "GET", "/mail", headers={"Accept-Language": "en"})).text
+    assert re.search(r"4:(0\d|1\d) left", page)
+    snapshot = json.loads((await request(port, "GET", "/api/held")).body)
+    assert snapshot["held"][0]["release_at"] - snapshot["now"] == pytest.approx(250, abs=5)
 
 
 async def test_long_recipient_lists_are_folded_with_a_count(port, queue):
