@@ -248,7 +248,8 @@ class HoldQueue:
         misdated = 0
         for msg in list(self._messages.values()):
             future = msg.received_at > now + CLOCK_SLACK_SECONDS
-            misdated += future and msg.state is not RELEASED
+            if future and msg.state is not RELEASED:
+                misdated += 1
             if msg.state is RELEASED or on_boot == "send" or msg.release_at <= now or future:
                 # Released before the restart, S7's "all held mail is sent at once on boot",
                 # or held by a clock that was wrong (sent as S7 would, rather than held for

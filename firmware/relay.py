@@ -188,10 +188,7 @@ class SmtpClient:
         self._check_open()
         stream = self.stream
         if body.dot_lines or not isinstance(stream, trio.SocketStream):
-            async with aclosing(body.chunks()) as chunks:  # its files close even if cut short
-                async for chunk in chunks:
-                    with trio.fail_after(DATA_BLOCK_TIMEOUT):
-                        await self.send(DataChunk(chunk, canonical=True))
+            await self.send_content(body.chunks(), canonical=True)
             return
         # The stuffer is left at a line start, as the stored body ends (it is empty or ends
         # with CRLF), so EndOfData adds just ".\r\n".
@@ -210,6 +207,14 @@ class SmtpClient:
                     pos += sent
                     left -= sent
                     await trio.lowlevel.checkpoint()  # let the other tasks run between slices
+
+    async def send_content(self, chunks: AsyncIterator[bytes], canonical: bool = False) -> None:
+        """Message content, dot-stuffed (see DataChunk for `canonical`). `chunks` is closed
+        even when the sending is cut short, so a stored body's files close at once."""
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                with trio.fail_after(DATA_BLOCK_TIMEOUT):
+                    await self.send(DataChunk(chunk, canonical))
 
     async def send_batch(self, events) -> None:
         """Several commands in one write (RFC 2920 pipelining); replies come in order."""
@@ -286,6 +291,7 @@ class StoredBody:
 
 # Message content: a stored body, or chunks made on the spot (a bounce).
 Content = StoredBody | Callable[[], AsyncIterator[bytes]]
+
 
 @dataclass(frozen=True)
 class Envelope:
@@ -404,10 +410,7 @@ async def _mail(client: SmtpClient, envelope: Envelope, content: Content, *,
     if isinstance(content, StoredBody):
         await client.send_stored(content)
     else:
-        async with aclosing(content()) as chunks:
-            async for chunk in chunks:
-                with trio.fail_after(DATA_BLOCK_TIMEOUT):
-                    await client.send(DataChunk(chunk))
+        await client.send_content(content())
     reply = await client.command(EndOfData(), DATA_END_TIMEOUT)
     return {**results, **dict.fromkeys(accepted, reply)}
 
