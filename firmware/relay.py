@@ -477,9 +477,11 @@ class ConnectionPool:
                     continue
                 oldest = min(sessions[0][0] for sessions in self._idle.values())
                 await trio.sleep_until(oldest + self.idle_seconds)
-                deadline = trio.current_time() - self.idle_seconds
-                while self._count and min(
-                        sessions[0][0] for sessions in self._idle.values()) <= deadline:
+                # The same sum as the deadline slept to: now - idle_seconds can round below
+                # `oldest`, and the loop would spin without closing anything.
+                now = trio.current_time()
+                while self._count and min(sessions[0][0] for sessions in self._idle.values()
+                                          ) + self.idle_seconds <= now:
                     await self._close_oldest()
         finally:
             with trio.CancelScope(shield=True):

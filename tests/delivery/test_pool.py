@@ -13,7 +13,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
 from firmware.qmgr import HoldQueue, WallClock
-from firmware.relay import Relay
+from firmware.relay import ConnectionPool, Relay
 from firmware.routes import Route, Router
 from tests.integration.conftest import free_port, wait_for
 from tests.test_qmgr import MemoryStore
@@ -169,3 +169,51 @@ async def test_a_pooled_connection_the_upstream_dropped_is_replaced(start_upstre
     assert [m[2] for m in upstream.messages] == [message(1), message(2)]  # each exactly once
     assert upstream.count("opened") == 2
     assert queue.counters["delivered"] == 2 and queue.counters["deferred"] == 0
+
+
+class IdleSession:
+    """Stands for a greeted upstream session in the pool: only what the pool looks at."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.opened_at = trio.current_time()
+        self.quit_at: float | None = None
+
+    async def quit(self) -> None:
+        self.quit_at = trio.current_time()
+
+
+class StepBudget(trio.abc.Instrument):
+    """Cancels `scope` once the run has taken `limit` task steps: a loop that never blocks
+    would otherwise keep the autojump clock from moving, and the test from ending."""
+
+    def __init__(self, scope: trio.CancelScope, limit: int) -> None:
+        self.scope, self.limit, self.steps = scope, limit, 0
+
+    def before_task_step(self, task) -> None:
+        self.steps += 1
+        if self.steps == self.limit:
+            self.scope.cancel()
+
+
+async def test_an_idle_session_is_closed_whatever_the_rounding_of_its_time(autojump_clock):
+    """Given at a time t where (t + 5) - 5 < t in floating point, a session is still closed
+    after 5 s idle, without the pool's task spinning (it did, now and then, in the suite)."""
+    pool = ConnectionPool(idle_seconds=5.0)
+    while (trio.current_time() + 5.0) - 5.0 >= trio.current_time():
+        autojump_clock.jump(0.001)
+    with trio.CancelScope() as scope:
+        budget = StepBudget(scope, 10_000)
+        trio.lowlevel.add_instrument(budget)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pool.run)
+                session = IdleSession()
+                given = trio.current_time()
+                await pool.give(("host",), session)
+                await trio.sleep(10)
+                nursery.cancel_scope.cancel()
+        finally:
+            trio.lowlevel.remove_instrument(budget)
+    assert not scope.cancelled_caught, f"the pool spun for {budget.steps} task steps"
+    assert session.quit_at == given + 5.0
