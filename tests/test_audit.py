@@ -2,10 +2,12 @@ import datetime
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
+import firmware.audit as audit_module
 from firmware.audit import AuditLog
 
 
@@ -50,6 +52,7 @@ def test_appends_and_is_flushed_at_once(tmp_path):
         earlier.write("one")
     audit = AuditLog(path)
     audit.write("two")
+    audit.flush()
     # visible to another reader without close(): line-buffered
     assert [line["event"] for line in read_lines(path)] == ["one", "two"]
     audit.close()
@@ -88,6 +91,7 @@ def test_unwritable_never_raises(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="firmware.audit"):
         audit.write("accept", id=b"\x00")
         audit.write("accept", id=b"\x01")
+        audit.flush()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1  # one warning per run of failures
     assert "audit event dropped" in warnings[0].getMessage()
@@ -99,9 +103,11 @@ def test_recovers_after_failure(tmp_path, caplog):
     blocker.write_text("")
     audit = AuditLog(blocker / "audit.jsonl")
     audit.write("lost")
+    audit.flush()
     os.unlink(blocker)
     with caplog.at_level(logging.WARNING, logger="firmware.audit"):
         audit.write("kept")
+        audit.flush()
     assert [line["event"] for line in read_lines(blocker / "audit.jsonl")] == ["kept"]
     assert "written again" in caplog.text
     audit.close()
@@ -124,6 +130,7 @@ def test_disk_full_never_raises(caplog):
     audit = AuditLog("/dev/full")
     with caplog.at_level(logging.WARNING, logger="firmware.audit"):
         audit.write("accept")
+        audit.flush()
     assert audit.statistics()["dropped"] == 1
     assert "No space left" in caplog.text
 
@@ -159,3 +166,47 @@ def test_a_line_longer_than_the_limit_is_still_written_whole(tmp_path):
         audit.write("small again")
     assert [e["event"] for e in read_lines(path.with_name("audit.jsonl.1"))] == ["large"]
     assert [e["event"] for e in read_lines(path)] == ["small again"]
+
+
+def test_writing_never_waits_for_the_disk(tmp_path):
+    """The event loop calls write(): it only queues the line. Here the "disk" is a FIFO nobody
+    reads yet, where opening for writing blocks; write() returns all the same."""
+    path = tmp_path / "audit.jsonl"
+    os.mkfifo(path)
+    audit = AuditLog(path)
+    caller = threading.Thread(target=audit.write, args=("accept",), kwargs={"n": 1}, daemon=True)
+    caller.start()
+    caller.join(10)
+    assert not caller.is_alive()  # returned while the file could not even be opened
+    reader = os.open(path, os.O_RDONLY)  # lets the log's thread open and write
+    try:
+        line = b""
+        while not line.endswith(b"\n"):
+            line += os.read(reader, 4096)
+    finally:
+        audit.close()
+        os.close(reader)
+    assert json.loads(line)["event"] == "accept"
+    assert audit.statistics() == {"written": 1, "dropped": 0, "failing": False}
+
+
+def test_lines_beyond_what_the_disk_can_take_are_dropped_and_counted(tmp_path, monkeypatch):
+    monkeypatch.setattr(audit_module, "MAX_QUEUED_LINES", 3)
+    path = tmp_path / "audit.jsonl"
+    os.mkfifo(path)  # nothing is written until a reader comes
+    audit = AuditLog(path)
+    for n in range(20):
+        audit.write("accept", n=n)
+    # at most 3 wait, and the thread holds at most the 3 it took before the FIFO blocked it
+    assert audit.statistics()["dropped"] >= 20 - 2 * 3
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        audit.flush()
+        data = os.read(reader, 65536)
+    finally:
+        audit.close()
+        os.close(reader)
+    got = [json.loads(line)["n"] for line in data.decode().splitlines()]
+    stats = audit.statistics()
+    assert got == list(range(stats["written"]))  # the oldest kept, in order, none torn
+    assert stats["written"] + stats["dropped"] == 20
